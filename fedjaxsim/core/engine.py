@@ -1,0 +1,353 @@
+"""The jitted federated round: vmap over clients, scan over local steps.
+
+:func:`build_round` turns an :class:`~fedjaxsim.core.algorithm.Algorithm` and an
+:class:`ExecutionPlan` into one jitted function::
+
+    round_fn(server_state, cohort, rng, client_states=()) -> (server_state, RoundOutput)
+
+Inside it, every client of the cohort trains under ``jax.vmap``; clients are
+processed ``clients_per_chunk`` at a time (a ``lax.scan`` over chunks by
+default), so device memory is bounded by one chunk whatever the cohort size.
+Local steps run under ``lax.scan``; a step whose mask is all padding leaves
+the local state (params and optimizer state) exactly unchanged via
+``jnp.where``. Contributions of the clients are reduced over the client axis
+(a running sum across chunks, or a stack for order-statistic aggregators),
+and the server update runs in the same jit.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from fedjaxsim.core.algorithm import REDUCTIONS, Algorithm
+from fedjaxsim.core.client_batch import Cohort, validate_cohort
+from fedjaxsim.core.lowering import CONV_LOWERINGS, conv_lowering
+from fedjaxsim.core.types import PyTree
+
+CHUNK_LOOPS = ("scan", "unroll")
+# Padding clients added by the engine get this id: out of range for any
+# population, so a stateful gather/scatter with mode="drop" ignores them.
+ENGINE_PADDING_ID = np.iinfo(np.int32).max
+
+
+@dataclasses.dataclass(frozen=True)
+class ExecutionPlan:
+    """How a round is executed; every plan computes the same numbers.
+
+    Attributes:
+      num_lanes: how the host packs a cohort (``pack_cohort(num_lanes=...)``):
+        ``None`` gives every client its own lane; an int packs clients into
+        that many lanes, one after another, so that short clients do not idle
+        through the longest client's steps.
+      clients_per_chunk: lanes trained together under one vmap (with one
+        client per lane, clients). ``None`` trains all lanes at once. Smaller
+        chunks bound device memory.
+      chunk_loop: ``"scan"`` loops over chunks with ``lax.scan`` (compiles
+        once, any cohort size); ``"unroll"`` emits one copy per chunk.
+      scan_unroll: the ``unroll`` argument of the local-step ``lax.scan``:
+        an int, or True to unroll every step.
+      conv_lowering: ``"patches"`` (shifted slices plus a matmul), ``"lax"``
+        (XLA convolution) or ``"auto"`` (the measured per-backend default).
+    """
+
+    num_lanes: int | None = None
+    clients_per_chunk: int | None = None
+    chunk_loop: str = "scan"
+    scan_unroll: int | bool = 1
+    conv_lowering: str = "auto"
+
+    def __post_init__(self):
+        if self.clients_per_chunk is not None and (
+            not isinstance(self.clients_per_chunk, int) or self.clients_per_chunk < 1
+        ):
+            raise ValueError(
+                f"clients_per_chunk must be None or a positive int, got "
+                f"{self.clients_per_chunk!r}"
+            )
+        if self.num_lanes is not None and (
+            not isinstance(self.num_lanes, int) or self.num_lanes < 1
+        ):
+            raise ValueError(f"num_lanes must be None or a positive int, got {self.num_lanes!r}")
+        if self.chunk_loop not in CHUNK_LOOPS:
+            raise ValueError(f"chunk_loop must be one of {CHUNK_LOOPS}, got {self.chunk_loop!r}")
+        if not (
+            isinstance(self.scan_unroll, bool)
+            or (isinstance(self.scan_unroll, int) and self.scan_unroll >= 1)
+        ):
+            raise ValueError(
+                f"scan_unroll must be a positive int or a bool, got {self.scan_unroll!r}"
+            )
+        if self.conv_lowering not in CONV_LOWERINGS:
+            raise ValueError(
+                f"conv_lowering must be one of {CONV_LOWERINGS}, got {self.conv_lowering!r}"
+            )
+
+
+def default_plan(backend: str | None = None) -> ExecutionPlan:
+    """Per-backend defaults, chosen by ``benchmarks/throughput.py`` (RESULTS.md).
+
+    CPU: one vmap over the whole cohort (up to 64 clients a chunk), local steps
+    in a rolled scan, convolutions as patches. GPU/TPU: 256 clients a chunk,
+    XLA convolutions.
+    """
+    backend = jax.default_backend() if backend is None else backend
+    if backend == "cpu":
+        return ExecutionPlan(clients_per_chunk=64, scan_unroll=1, conv_lowering="patches")
+    return ExecutionPlan(clients_per_chunk=256, scan_unroll=1, conv_lowering="lax")
+
+
+class RoundOutput(NamedTuple):
+    client_metrics: dict  # float32[num_clients] per statistic (step sums + finalize metrics)
+    server_metrics: dict  # float32[] per statistic, from the server update
+    client_states: PyTree  # new per-client state, [num_clients, ...]; () if stateless
+
+
+def _where(condition, new, old):
+    return jax.tree.map(lambda n, o: jnp.where(condition, n, o), new, old)
+
+
+def _zeros_like_shapes(shapes):
+    return jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
+
+
+def _take(tree, index):
+    return jax.tree.map(lambda leaf: leaf[index], tree)
+
+
+def _pad_axis0(tree, num_padding: int, fill=0):
+    def pad(leaf):
+        widths = [(0, num_padding)] + [(0, 0)] * (leaf.ndim - 1)
+        return jnp.pad(leaf, widths, constant_values=fill)
+
+    return jax.tree.map(pad, tree)
+
+
+def build_round(algorithm: Algorithm, plan: ExecutionPlan | None = None):
+    """Builds the jitted round function of ``algorithm`` under ``plan``.
+
+    Args:
+      algorithm: the algorithm record.
+      plan: execution plan; :func:`default_plan` when None.
+
+    Returns:
+      ``round_fn(server_state, cohort, rng, client_states=())`` returning
+      ``(new_server_state, RoundOutput)``. ``client_states`` is a pytree with
+      a leading ``num_clients`` axis (cohort order) for stateful algorithms,
+      ``()`` otherwise. The function is jitted; it retraces only when shapes
+      or dtypes change.
+    """
+    plan = default_plan() if plan is None else plan
+    if algorithm.reduction not in REDUCTIONS:
+        raise ValueError(
+            f"algorithm.reduction must be one of {REDUCTIONS}, got {algorithm.reduction!r}"
+        )
+    stacked = algorithm.reduction == "stack"
+
+    def local_training_step(local, sums, batch, step_mask, step_rng):
+        """One local step; an all-padding step changes nothing at all.
+
+        ``lax.cond`` skips the step outright when the lane is not vmapped;
+        under vmap it becomes a select, which is the same as ``jnp.where``.
+        """
+
+        def train(local):
+            new_local, stats = algorithm.client_step(local, batch, step_mask, step_rng)
+            return new_local, jax.tree.map(jnp.add, sums, stats)
+
+        return jax.lax.cond(jnp.any(step_mask), train, lambda local: (local, sums), local)
+
+    def finish_client(broadcast, server_state, local, sums, weight, client_rng):
+        output = algorithm.client_finalize(broadcast, local)
+        contribution = algorithm.client_contribution(server_state, output, weight, client_rng)
+        return contribution, dict(sums, **output.metrics), output.client_state
+
+    def train_lane(context, data, mask, step_position, weights, client_ids, occupied, states):
+        """Trains the clients of one lane, one after another.
+
+        Returns the lane's contribution (summed over its clients, or stacked
+        ``[clients_per_lane, ...]``), and per-position metrics and states.
+        """
+        broadcast, server_state, client_root_rng = context
+        client_rngs = jax.vmap(jax.random.fold_in, in_axes=(None, 0))(client_root_rng, client_ids)
+        clients_per_lane = weights.shape[0]
+        num_steps = mask.shape[0]
+        first_batch = _take(data, 0)
+        local0 = algorithm.client_init(broadcast, _take(states, 0), client_rngs[0])
+        stats_shape = jax.eval_shape(algorithm.client_step, local0, first_batch, mask[0], client_rngs[0])[1]
+        zero_stats = _zeros_like_shapes(stats_shape)
+
+        if clients_per_lane == 1:
+            # One client per lane: initialise before the scan, finalise after it.
+            def step(carry, inputs):
+                local, sums = carry
+                batch, step_mask, step_index = inputs
+                step_rng = jax.random.fold_in(client_rngs[0], step_index)
+                return local_training_step(local, sums, batch, step_mask, step_rng), None
+
+            steps = jnp.arange(num_steps, dtype=jnp.int32)
+            (local, sums), _ = jax.lax.scan(
+                step, (local0, zero_stats), (data, mask, steps), unroll=plan.scan_unroll
+            )
+            contribution, metrics, new_state = finish_client(
+                broadcast, server_state, local, sums, weights[0], client_rngs[0]
+            )
+            if not stacked:
+                contribution = _where(occupied[0], contribution, jax.tree.map(jnp.zeros_like, contribution))
+            add_axis = lambda tree: jax.tree.map(lambda leaf: leaf[None], tree)  # noqa: E731
+            if stacked:
+                contribution = add_axis(contribution)
+            return contribution, add_axis(metrics), add_axis(new_state)
+
+        # Several clients per lane, one after another. The local state is reset
+        # where a client starts; each step writes the local state into its
+        # client's row of a [clients_per_lane] buffer (the last write is the
+        # client's final state, since later steps belong to other clients or
+        # are padding), and all clients of the lane are finalised together
+        # after the scan. This keeps per-step overhead to one buffer write.
+        steps = jnp.arange(num_steps, dtype=jnp.int32)
+        is_first = jnp.concatenate(
+            [jnp.ones((1,), bool), step_position[1:] != step_position[:-1]]
+        )
+        local_step = steps - jax.lax.cummax(jnp.where(is_first, steps, 0))
+        buffer = lambda tree: jax.tree.map(  # noqa: E731
+            lambda leaf: jnp.zeros((clients_per_lane, *leaf.shape), leaf.dtype), tree
+        )
+        carry0 = (local0, zero_stats, buffer(local0), buffer(zero_stats))
+
+        def step(carry, inputs):
+            local, sums, local_buffer, sums_buffer = carry
+            batch, step_mask, position, first, index = inputs
+            client_rng = client_rngs[position]
+            local = jax.lax.cond(
+                first,
+                lambda: algorithm.client_init(broadcast, _take(states, position), client_rng),
+                lambda: local,
+            )
+            sums = _where(first, zero_stats, sums)
+            step_rng = jax.random.fold_in(client_rng, index)
+            local, sums = local_training_step(local, sums, batch, step_mask, step_rng)
+            put = lambda buf, value: buf.at[position].set(value)  # noqa: E731
+            local_buffer = jax.tree.map(put, local_buffer, local)
+            sums_buffer = jax.tree.map(put, sums_buffer, sums)
+            return (local, sums, local_buffer, sums_buffer), None
+
+        inputs = (data, mask, step_position, is_first, local_step)
+        (_, _, final_locals, final_sums), _ = jax.lax.scan(
+            step, carry0, inputs, unroll=plan.scan_unroll
+        )
+        contributions, metrics, new_states = jax.vmap(
+            lambda local, sums, weight, rng: finish_client(broadcast, server_state, local, sums, weight, rng)
+        )(final_locals, final_sums, weights, client_rngs)
+        if not stacked:
+            contributions = jax.tree.map(
+                lambda c: jnp.sum(jnp.where(occupied.reshape(-1, *[1] * (c.ndim - 1)), c, 0), axis=0),
+                contributions,
+            )
+        return contributions, metrics, new_states
+
+    def round_fn(server_state, cohort: Cohort, rng, client_states=()):
+        with conv_lowering(plan.conv_lowering):
+            return _round(server_state, cohort, rng, client_states)
+
+    def _round(server_state, cohort: Cohort, rng, client_states):
+        validate_cohort(cohort)
+        num_clients = cohort.num_clients
+        num_lanes = cohort.num_lanes
+        lane_clients = jnp.asarray(cohort.lane_clients, jnp.int32)  # [lanes, per_lane]
+        occupied = lane_clients < num_clients
+        gather = lambda tree, fill: jax.tree.map(  # noqa: E731
+            lambda leaf: jnp.take(leaf, lane_clients, axis=0, mode="fill", fill_value=fill), tree
+        )
+        lane_weights = gather(jnp.asarray(cohort.weight, jnp.float32), 0)
+        lane_weights = jnp.where(occupied, lane_weights, 0.0)
+        lane_ids = gather(jnp.asarray(cohort.client_id, jnp.int32), ENGINE_PADDING_ID)
+        lane_ids = jnp.where(occupied, lane_ids, ENGINE_PADDING_ID)
+        lane_states = gather(client_states, 0)
+
+        client_root_rng, server_rng = jax.random.split(rng)
+        context = (algorithm.broadcast(server_state), server_state, client_root_rng)
+        vmapped_lanes = jax.vmap(lambda *lane: train_lane(context, *lane))
+
+        def per_lane(*lanes):
+            if jax.tree.leaves(lanes)[0].shape[0] != 1:
+                return vmapped_lanes(*lanes)
+            # A single lane runs without vmap, so that lax.cond really skips
+            # padding steps and finalisation instead of computing both branches.
+            outputs = train_lane(context, *_take(lanes, 0))
+            return jax.tree.map(lambda leaf: leaf[None], outputs)
+
+        inputs = (
+            cohort.data,
+            jnp.asarray(cohort.mask, bool),
+            jnp.asarray(cohort.step_position, jnp.int32),
+            lane_weights,
+            lane_ids,
+            occupied,
+            lane_states,
+        )
+        chunk = num_lanes if plan.clients_per_chunk is None else min(plan.clients_per_chunk, num_lanes)
+        num_chunks = -(-num_lanes // chunk)
+        num_padding = num_chunks * chunk - num_lanes
+        if num_padding:  # empty lanes: no real examples, unoccupied positions
+            inputs = _pad_axis0(inputs, num_padding)
+
+        def reduce_lanes(contribution):
+            if stacked:
+                return contribution
+            return jax.tree.map(lambda c: jnp.sum(c, axis=0), contribution)
+
+        if num_chunks == 1:
+            contribution, metrics, new_states = per_lane(*inputs)
+            reduced = reduce_lanes(contribution)
+        else:
+            chunked = jax.tree.map(lambda leaf: leaf.reshape(num_chunks, chunk, *leaf.shape[1:]), inputs)
+            if plan.chunk_loop == "unroll":
+                outputs = [per_lane(*_take(chunked, i)) for i in range(num_chunks)]
+                concat = lambda *xs: jnp.concatenate(xs)  # noqa: E731
+                metrics = jax.tree.map(concat, *[o[1] for o in outputs])
+                new_states = jax.tree.map(concat, *[o[2] for o in outputs])
+                if stacked:
+                    reduced = jax.tree.map(concat, *[o[0] for o in outputs])
+                else:
+                    partial = [reduce_lanes(o[0]) for o in outputs]
+                    reduced = jax.tree.map(lambda *xs: sum(xs[1:], xs[0]), *partial)
+            else:
+                if stacked:
+                    _, (reduced, metrics, new_states) = jax.lax.scan(
+                        lambda carry, chunk_inputs: (carry, per_lane(*chunk_inputs)), (), chunked
+                    )
+                    reduced = jax.tree.map(lambda leaf: leaf.reshape(-1, *leaf.shape[2:]), reduced)
+                else:
+                    shape = jax.eval_shape(lambda *a: reduce_lanes(per_lane(*a)[0]), *_take(chunked, 0))
+
+                    def body(total, chunk_inputs):
+                        contribution, metrics, states = per_lane(*chunk_inputs)
+                        total = jax.tree.map(jnp.add, total, reduce_lanes(contribution))
+                        return total, (metrics, states)
+
+                    reduced, (metrics, new_states) = jax.lax.scan(body, _zeros_like_shapes(shape), chunked)
+                flatten = lambda leaf: leaf.reshape(-1, *leaf.shape[2:])  # noqa: E731
+                metrics = jax.tree.map(flatten, metrics)
+                new_states = jax.tree.map(flatten, new_states)
+
+        # [lanes, per_lane, ...] -> [num_clients, ...] in cohort order.
+        positions = jnp.pad(lane_clients, ((0, num_padding), (0, 0)), constant_values=num_clients).reshape(-1)
+
+        def scatter(leaf):
+            leaf = leaf.reshape(-1, *leaf.shape[2:])
+            out = jnp.zeros((num_clients, *leaf.shape[1:]), leaf.dtype)
+            return out.at[positions].set(leaf, mode="drop")
+
+        metrics = jax.tree.map(scatter, metrics)
+        new_states = jax.tree.map(scatter, new_states)
+        if stacked:
+            reduced = jax.tree.map(scatter, reduced)
+        new_server_state, server_metrics = algorithm.server_update(server_state, reduced, server_rng)
+        return new_server_state, RoundOutput(metrics, server_metrics, new_states)
+
+    return jax.jit(round_fn)

@@ -1,0 +1,312 @@
+"""Host-side packing: ragged per-client NumPy arrays into one stacked Cohort.
+
+Everything here is NumPy, runs outside jit and is deterministic in
+``(seed, round_index, client_id)``. The number of local steps is rounded up to
+a bucket so that a run compiles only a handful of round shapes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Mapping, Sequence
+
+import numpy as np
+
+from fedjaxsim.core.client_batch import Cohort
+
+# Domain tag mixed into per-client shuffling seeds, so that shuffling never
+# reuses the stream that cohort sampling draws from (see sampling.py).
+_SHUFFLE_STREAM = 0x5EED_5F1E
+
+WEIGHTINGS = ("num_examples", "num_processed", "uniform")
+
+
+@dataclasses.dataclass(frozen=True)
+class PackingConfig:
+    """How each client's local data becomes local steps.
+
+    Attributes:
+      batch_size: examples per local step. The last partial batch of each epoch
+        is padded and masked.
+      num_epochs: local epochs E; each epoch is a fresh shuffle.
+      max_steps: optional cap on local steps per client (after epochs).
+      step_bucket: ``"pow2"`` rounds the step count up to a power of two, an int
+        ``k`` rounds it up to a multiple of ``k``, ``"exact"`` does not round.
+      weighting: ``"num_examples"`` weighs a client by its dataset size,
+        ``"num_processed"`` by the real examples it trains on this round
+        (differs from ``num_examples`` under ``num_epochs`` or ``max_steps``),
+        ``"uniform"`` gives every real client weight 1.
+      shuffle: shuffle each epoch (deterministically); False keeps data order.
+      check_finite: reject NaN or Inf in floating-point features.
+    """
+
+    batch_size: int = 20
+    num_epochs: int = 1
+    max_steps: int | None = None
+    step_bucket: str | int = "pow2"
+    weighting: str = "num_examples"
+    shuffle: bool = True
+    check_finite: bool = True
+
+    def __post_init__(self):
+        if not isinstance(self.batch_size, int) or self.batch_size < 1:
+            raise ValueError(f"batch_size must be a positive int, got {self.batch_size!r}")
+        if not isinstance(self.num_epochs, int) or self.num_epochs < 1:
+            raise ValueError(f"num_epochs must be a positive int, got {self.num_epochs!r}")
+        if self.max_steps is not None and (
+            not isinstance(self.max_steps, int) or self.max_steps < 1
+        ):
+            raise ValueError(
+                f"max_steps must be None or a positive int, got {self.max_steps!r}"
+            )
+        if self.step_bucket not in ("pow2", "exact") and not (
+            isinstance(self.step_bucket, int) and self.step_bucket >= 1
+        ):
+            raise ValueError(
+                f"step_bucket must be 'pow2', 'exact' or a positive int, "
+                f"got {self.step_bucket!r}"
+            )
+        if self.weighting not in WEIGHTINGS:
+            raise ValueError(
+                f"weighting must be one of {WEIGHTINGS}, got {self.weighting!r}"
+            )
+
+    def steps_for(self, num_examples: int) -> int:
+        """Real local steps of a client holding ``num_examples`` examples."""
+        steps = self.num_epochs * math.ceil(num_examples / self.batch_size)
+        return steps if self.max_steps is None else min(steps, self.max_steps)
+
+    def bucket(self, num_steps: int) -> int:
+        """Rounds ``num_steps`` up to its bucket."""
+        num_steps = max(int(num_steps), 1)
+        if self.step_bucket == "exact":
+            return num_steps
+        if self.step_bucket == "pow2":
+            return 1 << (num_steps - 1).bit_length()
+        return -(-num_steps // self.step_bucket) * self.step_bucket
+
+
+def client_num_examples(client: Mapping[str, np.ndarray], client_id: int) -> int:
+    """Validates one client's arrays and returns its number of examples.
+
+    Raises:
+      ValueError: for a client with no fields, no examples, fields of different
+        lengths, or non-numeric arrays.
+    """
+    if not client:
+        raise ValueError(f"client {client_id} has no data fields")
+    lengths = {}
+    for name, array in client.items():
+        array = np.asarray(array)
+        if array.ndim == 0:
+            raise ValueError(
+                f"client {client_id} field {name!r} is a scalar; every field needs "
+                "a leading example axis"
+            )
+        if not (np.issubdtype(array.dtype, np.number) or array.dtype == np.bool_):
+            raise ValueError(
+                f"client {client_id} field {name!r} has dtype {array.dtype}; "
+                "only numeric or bool arrays can be packed"
+            )
+        lengths[name] = array.shape[0]
+    if len(set(lengths.values())) != 1:
+        raise ValueError(
+            f"client {client_id} has fields of different lengths {lengths}; every "
+            "field must have one entry per example"
+        )
+    n = next(iter(lengths.values()))
+    if n == 0:
+        raise ValueError(
+            f"client {client_id} has no examples; drop empty clients before sampling"
+        )
+    return n
+
+
+def _check_finite(client: Mapping[str, np.ndarray], client_id: int) -> None:
+    for name, array in client.items():
+        array = np.asarray(array)
+        if np.issubdtype(array.dtype, np.floating) and not np.isfinite(array).all():
+            bad = int(np.size(array) - np.isfinite(array).sum())
+            raise ValueError(
+                f"client {client_id} field {name!r} has {bad} NaN or Inf values; "
+                "clean the data or drop the client"
+            )
+
+
+def client_step_indices(
+    num_examples: int, config: PackingConfig, seed: int, round_index: int, client_id: int
+) -> np.ndarray:
+    """Example index of every slot of every local step of one client.
+
+    Returns:
+      int64[num_real_steps, batch_size], with -1 marking padding slots. Each
+      epoch is a fresh permutation drawn from ``(seed, round_index, client_id)``,
+      and the last partial batch of each epoch is padded.
+    """
+    batches_per_epoch = math.ceil(num_examples / config.batch_size)
+    rng = np.random.default_rng([_SHUFFLE_STREAM, seed, round_index, client_id])
+    epochs = []
+    for _ in range(config.num_epochs):
+        order = rng.permutation(num_examples) if config.shuffle else np.arange(num_examples)
+        padded = np.full(batches_per_epoch * config.batch_size, -1, dtype=np.int64)
+        padded[:num_examples] = order
+        epochs.append(padded.reshape(batches_per_epoch, config.batch_size))
+    steps = np.concatenate(epochs)
+    return steps[: config.steps_for(num_examples)]
+
+
+def assign_lanes(num_steps: Sequence[int], num_lanes: int) -> list[list[int]]:
+    """Deterministic longest-first assignment of clients to lanes.
+
+    Clients are taken in decreasing order of local steps (ties by cohort
+    index) and each goes to the lane with the fewest steps so far (ties by
+    lane index), which keeps the longest lane, and so the padded step count,
+    close to ``sum(num_steps) / num_lanes``.
+
+    Returns:
+      For each lane, the cohort indices of its clients in training order.
+    """
+    lanes: list[list[int]] = [[] for _ in range(num_lanes)]
+    loads = [0] * num_lanes
+    order = sorted(range(len(num_steps)), key=lambda i: (-num_steps[i], i))
+    for index in order:
+        lane = min(range(num_lanes), key=lambda j: (loads[j], j))
+        lanes[lane].append(index)
+        loads[lane] += num_steps[index]
+    return lanes
+
+
+def pack_cohort(
+    clients: Sequence[Mapping[str, np.ndarray]],
+    client_ids: Sequence[int],
+    config: PackingConfig,
+    *,
+    seed: int,
+    round_index: int,
+    num_total_clients: int,
+    num_lanes: int | None = None,
+    pad_lanes_to_multiple: int = 1,
+    num_steps: int | None = None,
+) -> Cohort:
+    """Packs ragged clients into one stacked :class:`Cohort`.
+
+    Args:
+      clients: one mapping per sampled client from field name (e.g. ``"x"``,
+        ``"y"``) to an array with a leading example axis.
+      client_ids: the population ids of ``clients``, used for shuffling seeds
+        and per-client RNG.
+      config: batching, epochs, bucketing and weighting.
+      seed: experiment seed.
+      round_index: the round being packed.
+      num_total_clients: population size; ids must lie in ``[0, num_total_clients)``.
+      num_lanes: ``None`` puts one client in each lane (``data[num_clients,
+        num_steps, ...]``); an int packs the clients into that many lanes, one
+        after another (see :func:`assign_lanes`), which removes most padding
+        steps. Execution plans pick it (``ExecutionPlan.num_lanes``).
+      pad_lanes_to_multiple: append empty lanes until the lane count is a
+        multiple of this (e.g. the device count).
+      num_steps: force this step count instead of the bucketed maximum.
+
+    Returns:
+      A Cohort of NumPy arrays.
+
+    Raises:
+      ValueError: on an empty cohort, empty or inconsistent clients, fields
+        that differ between clients, non-finite features, or ids out of range.
+    """
+    if len(clients) == 0:
+        raise ValueError("cannot pack an empty cohort; sample at least one client")
+    if len(clients) != len(client_ids):
+        raise ValueError(f"got {len(clients)} clients but {len(client_ids)} client ids")
+    ids = np.asarray(client_ids, dtype=np.int64)
+    if ids.min() < 0 or ids.max() >= num_total_clients:
+        raise ValueError(
+            f"client ids must lie in [0, {num_total_clients}); got range "
+            f"[{ids.min()}, {ids.max()}]"
+        )
+    if len(np.unique(ids)) != len(ids):
+        raise ValueError("client ids in one cohort must be distinct")
+    if pad_lanes_to_multiple < 1:
+        raise ValueError(f"pad_lanes_to_multiple must be >= 1, got {pad_lanes_to_multiple}")
+    if num_lanes is not None and (not isinstance(num_lanes, int) or num_lanes < 1):
+        raise ValueError(f"num_lanes must be None or a positive int, got {num_lanes!r}")
+    reference_fields = {
+        name: (np.asarray(a).shape[1:], np.asarray(a).dtype) for name, a in clients[0].items()
+    }
+    sizes = []
+    for client, client_id in zip(clients, ids):
+        sizes.append(client_num_examples(client, int(client_id)))
+        fields = {
+            name: (np.asarray(a).shape[1:], np.asarray(a).dtype) for name, a in client.items()
+        }
+        if fields != reference_fields:
+            raise ValueError(
+                f"client {int(client_id)} has fields {fields}, but client "
+                f"{int(ids[0])} has {reference_fields}; all clients need the same "
+                "field names, per-example shapes and dtypes"
+            )
+        if config.check_finite:
+            _check_finite(client, int(client_id))
+
+    step_indices = [
+        client_step_indices(n, config, seed, round_index, int(cid)) for n, cid in zip(sizes, ids)
+    ]
+    num_clients = len(clients)
+    if num_lanes is None:
+        lanes = [[i] for i in range(num_clients)]
+    else:
+        lanes = [lane for lane in assign_lanes([len(s) for s in step_indices], num_lanes) if lane]
+    longest = max(sum(len(step_indices[i]) for i in lane) for lane in lanes)
+    total_steps = config.bucket(longest) if num_steps is None else num_steps
+    if total_steps < longest:
+        raise ValueError(
+            f"num_steps={total_steps} is smaller than the {longest} local steps a "
+            "lane needs; raise num_steps or set max_steps"
+        )
+    target_lanes = len(lanes) if num_lanes is None else max(num_lanes, len(lanes))
+    total_lanes = -(-target_lanes // pad_lanes_to_multiple) * pad_lanes_to_multiple
+    clients_per_lane = max(len(lane) for lane in lanes)
+    batch = config.batch_size
+
+    data = {
+        name: np.zeros((total_lanes, total_steps, batch, *shape), dtype=dtype)
+        for name, (shape, dtype) in reference_fields.items()
+    }
+    mask = np.zeros((total_lanes, total_steps, batch), dtype=bool)
+    step_position = np.zeros((total_lanes, total_steps), dtype=np.int32)
+    lane_clients = np.full((total_lanes, clients_per_lane), num_clients, dtype=np.int32)
+    for lane_index, lane in enumerate(lanes):
+        lane_clients[lane_index, : len(lane)] = lane
+        cursor = 0
+        for position, client_index in enumerate(lane):
+            indices = step_indices[client_index]
+            steps = slice(cursor, cursor + len(indices))
+            # Steps up to the end of the lane belong to the last client; they are
+            # all padding, so they leave it unchanged.
+            step_position[lane_index, cursor:] = position
+            mask[lane_index, steps] = indices >= 0
+            slots = indices.reshape(-1)
+            valid = slots >= 0
+            for name, array in clients[client_index].items():
+                shape = reference_fields[name][0]
+                flat = data[name][lane_index, steps].reshape(len(indices) * batch, *shape)
+                flat[valid] = np.asarray(array)[slots[valid]]
+                data[name][lane_index, steps] = flat.reshape(len(indices), batch, *shape)
+            cursor += len(indices)
+
+    weight = np.zeros(num_clients, dtype=np.float32)
+    if config.weighting == "num_examples":
+        weight[:] = sizes
+    elif config.weighting == "num_processed":
+        weight[:] = [int((s >= 0).sum()) for s in step_indices]
+    else:
+        weight[:] = 1.0
+    return Cohort(
+        data=data,
+        mask=mask,
+        step_position=step_position,
+        lane_clients=lane_clients,
+        weight=weight,
+        client_id=ids.astype(np.int32),
+    )

@@ -1,0 +1,73 @@
+"""A VALID convolution with two interchangeable lowerings.
+
+``Conv`` holds the same parameters as ``flax.linen.Conv`` (``kernel`` of shape
+``[kh, kw, in, out]`` and ``bias``) and computes the same function, lowered as
+either ``lax.conv_general_dilated`` or "patches": the ``kh * kw`` shifted
+slices of the input concatenated on the channel axis, then one matmul. On
+XLA:CPU the patches form avoids the slow convolution gradient inside
+``lax.scan`` and the grouped convolution that vmap over per-client kernels
+produces (see ``fedjaxsim.core.lowering``).
+"""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from fedjaxsim.core.lowering import current_conv_lowering
+
+
+def conv2d_valid(inputs: jax.Array, kernel: jax.Array, lowering: str) -> jax.Array:
+    """Stride-1 VALID 2-D convolution of NHWC ``inputs`` with an HWIO ``kernel``."""
+    if lowering == "lax":
+        return jax.lax.conv_general_dilated(
+            inputs, kernel, window_strides=(1, 1), padding="VALID",
+            dimension_numbers=("NHWC", "HWIO", "NHWC"),
+        )
+    if lowering != "patches":
+        raise ValueError(f"unknown conv lowering {lowering!r}; use 'lax' or 'patches'")
+    kernel_h, kernel_w, in_features, out_features = kernel.shape
+    out_h = inputs.shape[-3] - kernel_h + 1
+    out_w = inputs.shape[-2] - kernel_w + 1
+    # Order (i, j, channel) matches kernel.reshape(kh * kw * in, out).
+    patches = jnp.concatenate(
+        [
+            inputs[..., i : i + out_h, j : j + out_w, :]
+            for i in range(kernel_h)
+            for j in range(kernel_w)
+        ],
+        axis=-1,
+    )
+    return patches @ kernel.reshape(kernel_h * kernel_w * in_features, out_features)
+
+
+class Conv(nn.Module):
+    """Stride-1 VALID convolution whose lowering the execution plan picks."""
+
+    features: int
+    kernel_size: tuple[int, int] = (3, 3)
+    lowering: str | None = None  # None: the plan's choice at trace time
+
+    @nn.compact
+    def __call__(self, inputs):
+        in_features = inputs.shape[-1]
+        kernel = self.param(
+            "kernel",
+            nn.initializers.lecun_normal(),
+            (*self.kernel_size, in_features, self.features),
+        )
+        bias = self.param("bias", nn.initializers.zeros_init(), (self.features,))
+        lowering = current_conv_lowering() if self.lowering is None else self.lowering
+        return conv2d_valid(inputs, kernel.astype(inputs.dtype), lowering) + bias
+
+
+def max_pool_2x2(inputs: jax.Array) -> jax.Array:
+    """2x2 stride-2 max pooling of NHWC inputs with even height and width.
+
+    A reshape and a max, rather than ``reduce_window``, whose gradient
+    (select-and-scatter) is slow inside loops on XLA:CPU.
+    """
+    *batch, height, width, channels = inputs.shape
+    blocks = inputs.reshape(*batch, height // 2, 2, width // 2, 2, channels)
+    return blocks.max(axis=(-4, -2))

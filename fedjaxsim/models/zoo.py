@@ -1,0 +1,63 @@
+"""Built-in models: the EMNIST CNN of Reddi et al. 2020, a 2x200 dense net and
+logistic regression. All take NHWC images (or any features, flattened) and
+return logits."""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax.numpy as jnp
+
+from fedjaxsim.models.conv import Conv, max_pool_2x2
+
+
+class EmnistCnn(nn.Module):
+    """conv 32 3x3 VALID, ReLU, conv 64 3x3 VALID, ReLU, max-pool 2x2,
+    dropout 0.25, dense 128, ReLU, dropout 0.5, dense ``num_classes``.
+
+    Reddi et al., "Adaptive Federated Optimization", ICLR 2021, Table 3:
+    1,206,590 parameters for 62 classes on 28x28x1 inputs.
+    """
+
+    num_classes: int = 62
+    conv_lowering: str | None = None  # None: the execution plan's choice
+
+    @nn.compact
+    def __call__(self, x, train: bool = False):
+        x = jnp.asarray(x, jnp.float32)
+        if x.ndim == 3:  # [batch, h, w] -> [batch, h, w, 1]
+            x = x[..., None]
+        x = nn.relu(Conv(32, lowering=self.conv_lowering)(x))
+        x = nn.relu(Conv(64, lowering=self.conv_lowering)(x))
+        x = max_pool_2x2(x)
+        x = nn.Dropout(0.25, deterministic=not train)(x)
+        x = x.reshape(x.shape[0], -1)
+        x = nn.relu(nn.Dense(128)(x))
+        x = nn.Dropout(0.5, deterministic=not train)(x)
+        return nn.Dense(self.num_classes)(x)
+
+
+class DenseNet(nn.Module):
+    """Two hidden ReLU layers of ``hidden`` units (McMahan et al. 2017's 2NN)."""
+
+    num_classes: int = 62
+    hidden: int = 200
+
+    @nn.compact
+    def __call__(self, x, train: bool = False):
+        del train
+        x = jnp.asarray(x, jnp.float32).reshape(x.shape[0], -1)
+        x = nn.relu(nn.Dense(self.hidden)(x))
+        x = nn.relu(nn.Dense(self.hidden)(x))
+        return nn.Dense(self.num_classes)(x)
+
+
+class LogisticRegression(nn.Module):
+    """A single dense layer over flattened features."""
+
+    num_classes: int = 62
+
+    @nn.compact
+    def __call__(self, x, train: bool = False):
+        del train
+        x = jnp.asarray(x, jnp.float32).reshape(x.shape[0], -1)
+        return nn.Dense(self.num_classes)(x)
