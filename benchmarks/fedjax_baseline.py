@@ -127,7 +127,7 @@ def device_string() -> str:
 
 
 def run_model(model_name: str, cohort: int, rounds: int, warmup: int,
-              seed: int) -> dict:
+              seed: int, verbose: bool = False) -> dict:
     """Runs warm-up and timed FedAvg rounds for one model; returns the record."""
     model = MODEL_FACTORIES[model_name](only_digits=False)
     algorithm = fed_avg.federated_averaging(
@@ -153,6 +153,9 @@ def run_model(model_name: str, cohort: int, rounds: int, warmup: int,
         server_state, _ = algorithm.apply(server_state, clients)
         jax.block_until_ready(server_state.params)
         elapsed = time.perf_counter() - start
+        if verbose:
+            print(f"{model_name} round {round_index}: {num_examples} examples "
+                  f"in {elapsed:.4f} s", file=sys.stderr, flush=True)
         if round_index == 0:
             first_round_s, first_round_examples = elapsed, num_examples
         if round_index >= warmup:
@@ -188,6 +191,8 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=2,
                         help="untimed rounds first; the first one compiles")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--verbose", action="store_true",
+                        help="print every round's time to stderr")
     args = parser.parse_args()
     if args.warmup < 1:
         parser.error("--warmup must be at least 1 to measure compile_s")
@@ -197,7 +202,8 @@ def main() -> None:
     names = list(MODEL_FACTORIES) if args.model == "all" else [args.model]
     for name in names:
         rounds = args.rounds or default_rounds(name, args.cohort)
-        record = run_model(name, args.cohort, rounds, args.warmup, args.seed)
+        record = run_model(name, args.cohort, rounds, args.warmup, args.seed,
+                           args.verbose)
         print(json.dumps(record), flush=True)
 
 
