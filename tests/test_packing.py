@@ -48,6 +48,14 @@ def test_padding_is_zero_and_masked_and_steps_bucketed():
     assert exact.num_steps == 3
 
 
+def test_geometric_bucket_wastes_at_most_an_eighth_with_eight_shapes_per_octave():
+    config = PackingConfig(step_bucket="geometric")
+    buckets = [config.bucket(n) for n in range(1, 1025)]
+    assert all(n <= b <= n * 1.125 or b - n < 1 for n, b in zip(range(1, 1025), buckets))
+    assert all(b >= n for n, b in zip(range(1, 1025), buckets))
+    assert len({b for b in buckets if 128 < b <= 256}) == 8
+
+
 def test_weights_and_max_steps():
     clients = make_clients([3, 10])
     capped = PackingConfig(batch_size=2, num_epochs=3, max_steps=4, weighting="num_processed")

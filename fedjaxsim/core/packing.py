@@ -31,8 +31,10 @@ class PackingConfig:
         is padded and masked.
       num_epochs: local epochs E; each epoch is a fresh shuffle.
       max_steps: optional cap on local steps per client (after epochs).
-      step_bucket: ``"pow2"`` rounds the step count up to a power of two, an int
-        ``k`` rounds it up to a multiple of ``k``, ``"exact"`` does not round.
+      step_bucket: ``"pow2"`` rounds the step count up to a power of two;
+        ``"geometric"`` to 8 buckets per power of two (at most 12.5% padding,
+        a few more compiled shapes); an int ``k`` to a multiple of ``k``;
+        ``"exact"`` does not round.
       weighting: ``"num_examples"`` weighs a client by its dataset size,
         ``"num_processed"`` by the real examples it trains on this round
         (differs from ``num_examples`` under ``num_epochs`` or ``max_steps``),
@@ -60,11 +62,11 @@ class PackingConfig:
             raise ValueError(
                 f"max_steps must be None or a positive int, got {self.max_steps!r}"
             )
-        if self.step_bucket not in ("pow2", "exact") and not (
+        if self.step_bucket not in ("pow2", "geometric", "exact") and not (
             isinstance(self.step_bucket, int) and self.step_bucket >= 1
         ):
             raise ValueError(
-                f"step_bucket must be 'pow2', 'exact' or a positive int, "
+                f"step_bucket must be 'pow2', 'geometric', 'exact' or a positive int, "
                 f"got {self.step_bucket!r}"
             )
         if self.weighting not in WEIGHTINGS:
@@ -84,6 +86,9 @@ class PackingConfig:
             return num_steps
         if self.step_bucket == "pow2":
             return 1 << (num_steps - 1).bit_length()
+        if self.step_bucket == "geometric":
+            granule = max(1, 1 << max(0, (num_steps - 1).bit_length() - 4))
+            return -(-num_steps // granule) * granule
         return -(-num_steps // self.step_bucket) * self.step_bucket
 
 
