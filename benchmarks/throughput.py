@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import sys
 import time
@@ -45,6 +46,7 @@ from fedjaxsim.core.engine import ExecutionPlan, build_round, default_plan  # no
 from fedjaxsim.core.lowering import conv_lowering  # noqa: E402
 from fedjaxsim.core.packing import PackingConfig, pack_cohort  # noqa: E402
 from fedjaxsim.models import classification_loss, get_model  # noqa: E402
+from fedjaxsim.runner.platform import RECOMMENDED_YNN_FUSION_TYPES, configure_xla_cpu  # noqa: E402
 
 
 def named_plans(names: list[str], model: str) -> dict[str, ExecutionPlan]:
@@ -145,6 +147,7 @@ def measure(model_name, cohort, plan_name, plan, rounds, warmup, batch, populati
         "ratio_to_limit": round(examples_per_s / limit, 3),
         "padded_step_fraction": round(1 - sum(examples) / sum(int(np.asarray(c.mask).size) for c in cohorts), 3),
         "device": str(jax.devices()[0].device_kind),
+        "xla_flags": os.environ.get("XLA_FLAGS", ""),
         "jax_version": jax.__version__,
     }
 
@@ -158,7 +161,13 @@ def main(argv=None):
     parser.add_argument("--batch", type=int, default=20)
     parser.add_argument("--plans", default="default", help="comma-separated: default, vmap, lanesN, lax")
     parser.add_argument("--output", default=None, help="also append the JSON lines to this file")
+    parser.add_argument(
+        "--ynn-fusion-types", default=RECOMMENDED_YNN_FUSION_TYPES,
+        help="XLA:CPU YNNPACK fusion types; 'xla-default' leaves XLA's own choice",
+    )
     args = parser.parse_args(argv)
+    if args.ynn_fusion_types != "xla-default":
+        configure_xla_cpu(args.ynn_fusion_types)
     models = ["cnn", "dense", "logreg"] if args.model == "all" else args.model.split(",")
     population = EmnistLookalike()
     for model_name in models:

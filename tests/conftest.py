@@ -3,12 +3,16 @@ subprocess with XLA_FLAGS set, so everything else stays fast."""
 
 from __future__ import annotations
 
-import jax
-import numpy as np
-import pytest
+from fedjaxsim.runner.platform import configure_xla_cpu
 
-from fedjaxsim.models import classification_loss, from_linen, get_model
-from fedjaxsim.models.zoo import LogisticRegression
+configure_xla_cpu()  # before any JAX computation, as the CLI does
+
+import jax  # noqa: E402
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+
+from fedjaxsim.models import classification_loss, from_linen, get_model  # noqa: E402
+from fedjaxsim.models.zoo import LogisticRegression  # noqa: E402
 
 NUM_FEATURES = 12
 NUM_CLASSES = 5

@@ -85,7 +85,9 @@ class FederatedData:
             if name not in self.fields:
                 raise ValueError(f"field_scales names {name!r}, which is not a field")
             if not (isinstance(scale, (int, float)) and np.isfinite(scale) and scale > 0):
-                raise ValueError(f"scale of field {name!r} must be a positive number, got {scale!r}")
+                raise ValueError(
+                    f"scale of field {name!r} must be a positive number, got {scale!r}"
+                )
         if self.client_names is not None:
             if len(self.client_names) != len(offsets) - 1:
                 raise ValueError(
@@ -157,7 +159,9 @@ class FederatedData:
         dtype (four times fewer bytes for uint8 pixels) and decode the packed
         cohort afterwards; zero padding stays 0.0.
         """
-        return {name: decode_field(array, self.field_scales.get(name)) for name, array in fields.items()}
+        return {
+            name: decode_field(array, self.field_scales.get(name)) for name, array in fields.items()
+        }
 
     def client(self, index: int, decode: bool = True) -> dict[str, np.ndarray]:
         """The fields of one client.
@@ -214,7 +218,9 @@ class LazyClientNames(Sequence[str]):
                 try:
                     names = json.loads(self.path.read_text(encoding="utf-8"))
                 except (OSError, ValueError) as error:
-                    raise ValueError(f"cannot read client names from {self.path}: {error}") from error
+                    raise ValueError(
+                        f"cannot read client names from {self.path}: {error}"
+                    ) from error
                 if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
                     raise ValueError(f"{self.path} must hold a JSON list of strings")
                 if len(names) != self._count:

@@ -6,6 +6,7 @@ import argparse
 import dataclasses
 import sys
 
+from fedjaxsim.runner.platform import configure_xla_cpu
 from fedjaxsim.runner.experiment import ALGORITHMS, DATASETS, ExperimentConfig, run_experiment
 from fedjaxsim.models import MODEL_NAMES
 
@@ -41,6 +42,7 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    configure_xla_cpu()
     arguments = _parser().parse_args(argv)
     fields = {f.name for f in dataclasses.fields(ExperimentConfig)}
     values = {k: v for k, v in vars(arguments).items() if k in fields}

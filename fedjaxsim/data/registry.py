@@ -1,0 +1,68 @@
+"""Datasets by name: the one place that maps a name to its loader."""
+
+from __future__ import annotations
+
+import difflib
+from collections.abc import Callable
+
+from fedjaxsim.data.federated import FederatedDataset
+
+
+def _digits(**options) -> FederatedDataset:
+    from fedjaxsim.data.digits import federated_digits
+
+    return federated_digits(**options)
+
+
+def _emnist(only_digits: bool) -> Callable[..., FederatedDataset]:
+    def load(**options) -> FederatedDataset:
+        from fedjaxsim.data.emnist import load_federated_emnist
+
+        return load_federated_emnist(only_digits, **options)
+
+    return load
+
+
+def _tfds(name: str) -> Callable[..., FederatedDataset]:
+    def load(**options) -> FederatedDataset:
+        from fedjaxsim.data.tfds_images import federated_tfds
+
+        return federated_tfds(name, **options)
+
+    return load
+
+
+# Loaders import their module only when called, so that naming a dataset
+# never needs h5py or tensorflow-datasets unless that dataset is loaded.
+DATASETS: dict[str, Callable[..., FederatedDataset]] = {
+    "digits": _digits,
+    "federated_emnist": _emnist(False),
+    "federated_emnist_digits": _emnist(True),
+    "mnist": _tfds("mnist"),
+    "emnist/byclass": _tfds("emnist/byclass"),
+    "fashion_mnist": _tfds("fashion_mnist"),
+    "cifar10": _tfds("cifar10"),
+    "cifar100": _tfds("cifar100"),
+}
+
+
+def load_dataset(name: str, **options) -> FederatedDataset:
+    """Loads a dataset by name.
+
+    Args:
+      name: one of :data:`DATASETS`: ``"digits"`` (embedded, no download),
+        ``"federated_emnist"`` and ``"federated_emnist_digits"`` (natural
+        writer clients), or a TFDS image dataset partitioned into clients
+        (``"mnist"``, ``"emnist/byclass"``, ``"fashion_mnist"``, ``"cifar10"``,
+        ``"cifar100"``).
+      **options: passed to the loader (e.g. ``num_clients``, ``partition``,
+        ``data_dir``).
+
+    Raises:
+      ValueError: an unknown name, with the closest known ones.
+    """
+    if name not in DATASETS:
+        close = difflib.get_close_matches(name, DATASETS, n=2)
+        hint = f" (did you mean {' or '.join(repr(c) for c in close)}?)" if close else ""
+        raise ValueError(f"unknown dataset {name!r}{hint}. Known datasets: {', '.join(DATASETS)}")
+    return DATASETS[name](**options)

@@ -1,0 +1,154 @@
+"""Each partitioner's promise, against theory rather than recorded draws."""
+
+import numpy as np
+import pytest
+
+from fedjaxsim.data.federated import FederatedData
+from fedjaxsim.data.partition import (
+    client_sizes,
+    dirichlet_label_partition,
+    iid_partition,
+    natural_id_partition,
+    partition_labels,
+    quantity_skew_partition,
+    shard_partition,
+)
+
+
+def _assert_exact_cover(assignment, num_examples):
+    """Every example assigned exactly once; index arrays sorted int64."""
+    for part in assignment:
+        assert part.dtype == np.int64 and np.all(np.diff(part) > 0)
+    counts = np.bincount(np.concatenate(assignment), minlength=num_examples)
+    np.testing.assert_array_equal(counts, np.ones(num_examples, np.int64))
+
+
+def _labels(num_classes=40, per_class=2000):
+    return np.repeat(np.arange(num_classes), per_class)
+
+
+@pytest.mark.parametrize(
+    "method, options",
+    [
+        ("iid", {}),
+        ("dirichlet", {"alpha": 0.3}),
+        ("shards", {"shards_per_client": 3}),
+        ("quantity", {"sigma": 0.7}),
+        ("quantity", {"distribution": "powerlaw", "exponent": 2.0}),
+    ],
+)
+def test_every_partition_is_an_exact_cover_and_a_pure_function_of_the_seed(method, options):
+    labels = np.random.default_rng(0).integers(0, 10, size=3000)
+    first = partition_labels(method, labels, 25, seed=4, **options)
+    _assert_exact_cover(first, len(labels))
+    again = partition_labels(method, labels, 25, seed=4, **options)
+    other = partition_labels(method, labels, 25, seed=5, **options)
+    assert all(np.array_equal(a, b) for a, b in zip(first, again))
+    assert not all(np.array_equal(a, b) for a, b in zip(first, other))
+
+
+def test_iid_sizes_differ_by_at_most_one_and_labels_follow_the_population():
+    labels = _labels(num_classes=10, per_class=3000)
+    assignment = iid_partition(len(labels), 30, seed=0)
+    sizes = [len(a) for a in assignment]
+    assert max(sizes) - min(sizes) <= 1
+    # Each client's label histogram is multinomial(1000, 1/10): 100 +- 9.5 per class.
+    counts = np.stack([np.bincount(labels[a], minlength=10) for a in assignment])
+    assert np.abs(counts - 100).max() < 6 * np.sqrt(1000 * 0.1 * 0.9)
+
+
+@pytest.mark.parametrize("alpha", [0.1, 1.0, 10.0])
+def test_dirichlet_concentration_matches_alpha(alpha):
+    labels, num_clients = _labels(), 20
+    assignment = dirichlet_label_partition(labels, num_clients, alpha, seed=1)
+    _assert_exact_cover(assignment, len(labels))
+    counts = np.stack([np.bincount(labels[a], minlength=40) for a in assignment])
+    shares = counts / counts.sum(axis=0)
+    # For shares ~ Dirichlet(alpha * ones(K)), E[sum_i share_i^2] = (alpha + 1) / (K alpha + 1).
+    expected = (alpha + 1) / (num_clients * alpha + 1)
+    np.testing.assert_allclose((shares**2).sum(axis=0).mean(), expected, rtol=0.2)
+
+
+def test_shards_give_k_labels_when_shards_align_with_classes():
+    labels = np.random.default_rng(2).permutation(_labels(num_classes=10, per_class=60))
+    assignment = shard_partition(labels, num_clients=100, shards_per_client=2, seed=3)
+    _assert_exact_cover(assignment, len(labels))
+    # 200 shards of 3 examples, 20 per class: each shard is one label.
+    assert {len(a) for a in assignment} == {6}
+    assert max(len(np.unique(labels[a])) for a in assignment) <= 2
+    assert np.mean([len(np.unique(labels[a])) for a in assignment]) > 1.5  # mostly two
+
+
+def test_shards_stay_within_two_k_labels_in_general():
+    labels = np.random.default_rng(4).integers(0, 10, size=1234)
+    assignment = shard_partition(labels, num_clients=37, shards_per_client=3, seed=0)
+    _assert_exact_cover(assignment, len(labels))
+    assert max(len(np.unique(labels[a])) for a in assignment) <= 6
+    with pytest.raises(ValueError, match="shards need at least"):
+        shard_partition(labels[:10], num_clients=6, shards_per_client=2, seed=0)
+
+
+@pytest.mark.parametrize("sigma", [0.5, 1.0])
+def test_lognormal_sizes_have_the_requested_log_spread(sigma):
+    sizes = client_sizes(10_000_000, 2000, seed=0, sigma=sigma, min_examples=0)
+    assert sizes.sum() == 10_000_000
+    # Sample sd of 2000 normal logs has standard error sigma / sqrt(4000).
+    np.testing.assert_allclose(np.std(np.log(sizes)), sigma, atol=0.05)
+
+
+@pytest.mark.parametrize("exponent", [1.0, 2.5])
+def test_powerlaw_sizes_have_the_requested_tail_index(exponent):
+    sizes = client_sizes(
+        10_000_000, 2000, seed=1, distribution="powerlaw", exponent=exponent, min_examples=0
+    )
+    # Hill's maximum-likelihood estimate of a Pareto tail index (x_min from the data).
+    estimate = len(sizes) / np.sum(np.log(sizes / sizes.min()))
+    np.testing.assert_allclose(estimate, exponent, rtol=0.1)
+
+
+def test_quantity_skew_respects_the_minimum_and_keeps_labels_iid():
+    labels = _labels(num_classes=4, per_class=5000)
+    assignment = quantity_skew_partition(len(labels), 50, seed=2, sigma=1.5, min_examples=7)
+    _assert_exact_cover(assignment, len(labels))
+    sizes = np.array([len(a) for a in assignment])
+    assert sizes.min() >= 7 and sizes.max() > 5 * np.median(sizes) / 2
+    big = assignment[int(np.argmax(sizes))]
+    np.testing.assert_allclose(np.bincount(labels[big]) / len(big), 0.25, atol=0.05)
+    with pytest.raises(ValueError, match="distribution must be"):
+        client_sizes(100, 5, 0, distribution="zipf")
+
+
+def test_natural_id_groups_by_the_column():
+    writer = np.array(["w2", "w0", "w2", "w1", "w0", "w2"])
+    assignment, names = natural_id_partition(writer)
+    assert names == ["w0", "w1", "w2"]
+    assert [a.tolist() for a in assignment] == [[1, 4], [3], [0, 2, 5]]
+    data = FederatedData.from_partition({"writer": writer}, assignment, client_names=names)
+    for index, name in enumerate(names):
+        assert set(data.client(index)["writer"]) == {name}
+    with pytest.raises(ValueError, match="non-empty 1-D"):
+        natural_id_partition(np.array([]))
+
+
+def test_unknown_partition_is_named():
+    with pytest.raises(ValueError, match="unknown partition 'pathological'"):
+        partition_labels("pathological", np.zeros(10, int), 2, seed=0)
+
+
+def test_embedded_digits_go_through_the_dirichlet_partitioner(monkeypatch):
+    from fedjaxsim.data import digits
+
+    calls = []
+
+    def spy(labels, num_clients, alpha, seed, **options):
+        assignment = dirichlet_label_partition(labels, num_clients, alpha, seed, **options)
+        calls.append((np.array(labels), num_clients, alpha, seed, assignment))
+        return assignment
+
+    monkeypatch.setattr(digits, "dirichlet_label_partition", spy)
+    dataset = digits.federated_digits(num_clients=10, alpha=0.5, seed=3)
+    [(labels, num_clients, alpha, seed, assignment)] = calls
+    assert (num_clients, alpha, seed) == (10, 0.5, 3)
+    assert dataset.train.total_examples + dataset.test.total_examples == 1797
+    for index, part in enumerate(assignment):
+        np.testing.assert_array_equal(dataset.train.client(index)["y"], labels[part])
