@@ -1,0 +1,195 @@
+"""FedNova: normalized averaging for clients that take different numbers of steps.
+
+Wang, Liu, Liang, Joshi, Poor. "Tackling the Objective Inconsistency Problem
+in Heterogeneous Federated Optimization". NeurIPS 2020 (arXiv:2007.07481).
+
+When clients run different numbers of local steps ``tau_i``, FedAvg's
+weighted average of deltas over-weights clients that step more and converges
+to the optimum of a *different* objective. FedNova writes every local solver
+as ``x - y_i = lr * G_i a_i`` (``G_i`` the stacked local gradients, ``a_i``
+their non-negative coefficients), normalises each delta by ``||a_i||_1`` and
+rescales the average by the effective number of steps
+``tau_eff = sum_i p_i ||a_i||_1``::
+
+    x <- x - server_lr * tau_eff * sum_i p_i (x - y_i) / ||a_i||_1
+
+with ``p_i`` the cohort weights normalised to sum to 1. For local SGD
+``||a_i||_1 = tau_i``, so equal step counts give FedAvg exactly.
+
+``||a_i||_1`` is tracked in the local state by running the local solver's
+linear recursion on a scalar shadow whose gradient is always 1: it equals the
+paper's closed forms for SGD (``tau``), heavy-ball momentum ``rho``
+(``(tau - rho (1 - rho^tau) / (1 - rho)) / (1 - rho)``) and a proximal term
+``mu`` (``(1 - (1 - lr mu)^tau) / (lr mu)``), and stays exact when both are
+combined.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from fedjaxsim.algorithms.common import (
+    check_number,
+    divide,
+    effective_weight,
+    num_real_examples,
+    sgd_step,
+    weighted,
+)
+from fedjaxsim.algorithms.fed_avg import masked_mean_loss
+from fedjaxsim.core.aggregators import tree_l2_norm
+from fedjaxsim.core.algorithm import Algorithm, ClientOutput
+from fedjaxsim.core.types import Params, PerExampleLossFn
+
+
+class FedNovaServerState(NamedTuple):
+    params: Params  # float32 pytree: the global model x
+    round: jax.Array  # int32[]: rounds completed
+
+
+class FedNovaLocalState(NamedTuple):
+    params: Params  # float32 pytree like params: the client's model y
+    momentum: Params  # float32 pytree like params: heavy-ball buffer (zeros when momentum=0)
+    server_params: Params  # float32 pytree like params: x, the centre of the proximal term
+    step_norm: jax.Array  # float32[]: ||a||_1 so far (the scalar shadow's displacement)
+    step_norm_momentum: jax.Array  # float32[]: the scalar shadow's momentum buffer
+    num_steps: jax.Array  # int32[]: real local steps taken so far (tau)
+
+
+class FedNovaUpdate(NamedTuple):
+    normalized_delta: Params  # float32 pytree like params: (x - y) / ||a||_1
+    step_norm: jax.Array  # float32[]: ||a||_1
+
+
+def fed_nova(
+    per_example_loss_fn: PerExampleLossFn,
+    client_learning_rate: float,
+    server_learning_rate: float = 1.0,
+    momentum: float = 0.0,
+    proximal_mu: float = 0.0,
+) -> Algorithm:
+    """Builds FedNova with local SGD (optionally heavy-ball momentum and a proximal term).
+
+    Args:
+      per_example_loss_fn: ``(params, batch, rng) -> float32[batch_size]``.
+      client_learning_rate: local step size ``lr > 0``.
+      server_learning_rate: server step size ``>= 0`` (1 in the paper).
+      momentum: local heavy-ball momentum ``rho`` in ``[0, 1)``:
+        ``m <- rho m + g; y <- y - lr m`` (``optax.sgd(lr, momentum=rho)``),
+        reset every round.
+      proximal_mu: FedProx term ``mu/2 ||y - x||^2`` in the local objective,
+        ``mu >= 0`` with ``lr * mu < 1``.
+
+    Returns:
+      An :class:`Algorithm` with :class:`FedNovaServerState`.
+
+    Raises:
+      ValueError: naming the first invalid hyper-parameter.
+    """
+    check_number("client_learning_rate", client_learning_rate, minimum=0.0, strict=True)
+    check_number("server_learning_rate", server_learning_rate, minimum=0.0)
+    check_number("momentum", momentum, minimum=0.0, maximum=1.0)
+    check_number("proximal_mu", proximal_mu, minimum=0.0)
+    if client_learning_rate * proximal_mu >= 1.0:
+        raise ValueError(
+            f"proximal_mu * client_learning_rate must be < 1 (the local solver diverges "
+            f"otherwise), got proximal_mu={proximal_mu!r}, "
+            f"client_learning_rate={client_learning_rate!r}"
+        )
+
+    def init(params: Params) -> FedNovaServerState:
+        return FedNovaServerState(params=params, round=jnp.zeros((), jnp.int32))
+
+    def broadcast(server_state: FedNovaServerState) -> Params:
+        return server_state.params
+
+    def client_init(server_params, client_state, rng) -> FedNovaLocalState:
+        del client_state, rng
+        zero = jnp.zeros((), jnp.float32)
+        return FedNovaLocalState(
+            params=server_params,
+            momentum=jax.tree.map(jnp.zeros_like, server_params),
+            server_params=server_params,
+            step_norm=zero,
+            step_norm_momentum=zero,
+            num_steps=jnp.zeros((), jnp.int32),
+        )
+
+    def client_step(local: FedNovaLocalState, batch, mask, rng):
+        (_, loss_sum), grads = jax.value_and_grad(
+            lambda p: masked_mean_loss(per_example_loss_fn, p, batch, mask, rng), has_aux=True
+        )(local.params)
+        if proximal_mu:
+            grads = jax.tree.map(
+                lambda g, y, x: g + proximal_mu * (y - x), grads, local.params, local.server_params
+            )
+        velocity = jax.tree.map(lambda m, g: momentum * m + g, local.momentum, grads)
+        params = sgd_step(local.params, velocity, client_learning_rate)
+        # The same recursion on a scalar with unit gradient: its displacement
+        # (in units of lr) is sum_k a_k = ||a||_1, since y - x is linear in g.
+        shadow_gradient = 1.0 - client_learning_rate * proximal_mu * local.step_norm
+        shadow_momentum = momentum * local.step_norm_momentum + shadow_gradient
+        new_local = FedNovaLocalState(
+            params=params,
+            momentum=velocity,
+            server_params=local.server_params,
+            step_norm=local.step_norm + shadow_momentum,
+            step_norm_momentum=shadow_momentum,
+            num_steps=local.num_steps + 1,
+        )
+        return new_local, {"loss_sum": loss_sum, "num_examples": num_real_examples(mask)}
+
+    def client_finalize(server_params, local: FedNovaLocalState) -> ClientOutput:
+        delta = jax.tree.map(jnp.subtract, server_params, local.params)
+        # A client with no real step (only padding lanes) has delta 0; keep 0/1.
+        norm = jnp.where(local.step_norm > 0, local.step_norm, 1.0)
+        normalized = jax.tree.map(lambda d: d / norm, delta)
+        return ClientOutput(
+            update=FedNovaUpdate(normalized, local.step_norm),
+            metrics={
+                "update_norm": tree_l2_norm(delta),
+                "step_norm": local.step_norm,
+                "num_local_steps": local.num_steps.astype(jnp.float32),
+            },
+        )
+
+    def client_contribution(server_state, output: ClientOutput, weight, rng):
+        del server_state, rng
+        update: FedNovaUpdate = output.update
+        weight = jnp.asarray(weight, jnp.float32)
+        used = effective_weight(weight, update.normalized_delta)
+        return {
+            "weighted_normalized_delta": weighted(update.normalized_delta, used),
+            "weighted_step_norm": weighted(update.step_norm, used),
+            "weight": used,
+            "num_nonfinite_updates": jnp.logical_and(weight > 0, used == 0).astype(jnp.float32),
+        }
+
+    def server_update(server_state: FedNovaServerState, reduced, rng):
+        del rng
+        total = reduced["weight"]
+        effective_steps = divide(reduced["weighted_step_norm"], total)  # tau_eff
+        direction = divide(reduced["weighted_normalized_delta"], total)
+        delta = jax.tree.map(lambda d: effective_steps * d, direction)
+        params = sgd_step(server_state.params, delta, server_learning_rate)
+        metrics = {
+            "total_weight": total,
+            "num_nonfinite_updates": reduced["num_nonfinite_updates"],
+            "effective_num_steps": effective_steps,
+            "server_update_norm": tree_l2_norm(delta),
+        }
+        return FedNovaServerState(params, server_state.round + 1), metrics
+
+    return Algorithm(
+        init=init,
+        broadcast=broadcast,
+        client_init=client_init,
+        client_step=client_step,
+        client_finalize=client_finalize,
+        client_contribution=client_contribution,
+        server_update=server_update,
+        reduction="sum",
+    )

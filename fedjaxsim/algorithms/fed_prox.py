@@ -1,0 +1,123 @@
+"""FedProx: FedAvg with a proximal term in every client's local objective.
+
+Li, Sahu, Zaheer, Sanjabi, Talwalkar, Smith. "Federated Optimization in
+Heterogeneous Networks". MLSys 2020 (arXiv:1812.06127).
+
+Client k approximately minimises ``F_k(w) + mu/2 * ||w - w_server||^2``
+(Algorithm 2 of the paper) with local steps of its optimizer, starting from
+the server model; the proximal term keeps heterogeneous clients from drifting
+far from it, and ``mu = 0`` recovers FedAvg. The server combines the deltas
+``w_server - w_k`` like FedAvg (an aggregator, then an optax server
+transform).
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from fedjaxsim.algorithms.common import check_number, num_real_examples, squared_distance
+from fedjaxsim.algorithms.fed_avg import ServerState, masked_mean_loss
+from fedjaxsim.core.aggregators import Aggregator, tree_l2_norm, weighted_mean
+from fedjaxsim.core.algorithm import Algorithm, ClientOutput
+from fedjaxsim.core.types import Params, PerExampleLossFn
+
+
+class FedProxLocalState(NamedTuple):
+    params: Params  # float32 pytree like params: the client's model w
+    opt_state: optax.OptState  # client optimizer state, fresh every round
+    server_params: Params  # float32 pytree like params: w_server, the centre of the proximal term
+
+
+def fed_prox(
+    per_example_loss_fn: PerExampleLossFn,
+    client_optimizer: optax.GradientTransformation,
+    proximal_mu: float,
+    server_optimizer: optax.GradientTransformation | None = None,
+    aggregator: Aggregator | None = None,
+) -> Algorithm:
+    """Builds FedProx.
+
+    Args:
+      per_example_loss_fn: ``(params, batch, rng) -> float32[batch_size]``.
+      client_optimizer: optax transform for local steps (the paper uses SGD);
+        its state is re-initialised every round.
+      proximal_mu: ``mu >= 0``, the weight of ``mu/2 * ||w - w_server||^2``.
+      server_optimizer: optax transform on the averaged delta; defaults to
+        ``optax.sgd(1.0)`` (the server takes the weighted average model).
+      aggregator: defaults to the weighted mean.
+
+    Returns:
+      An :class:`Algorithm` whose server state is
+      :class:`fedjaxsim.algorithms.fed_avg.ServerState`. Client metrics report
+      the data loss (``loss_sum``) without the proximal term.
+
+    Raises:
+      ValueError: if ``proximal_mu`` is negative or not finite.
+    """
+    check_number("proximal_mu", proximal_mu, minimum=0.0)
+    server_optimizer = optax.sgd(1.0) if server_optimizer is None else server_optimizer
+    aggregator = weighted_mean() if aggregator is None else aggregator
+
+    def init(params: Params) -> ServerState:
+        return ServerState(
+            params=params,
+            opt_state=server_optimizer.init(params),
+            aggregator_state=aggregator.init(params),
+            round=jnp.zeros((), jnp.int32),
+        )
+
+    def broadcast(server_state: ServerState) -> Params:
+        return server_state.params
+
+    def client_init(server_params, client_state, rng) -> FedProxLocalState:
+        del client_state, rng
+        return FedProxLocalState(server_params, client_optimizer.init(server_params), server_params)
+
+    def local_objective(params, server_params, batch, mask, rng):
+        mean_loss, loss_sum = masked_mean_loss(per_example_loss_fn, params, batch, mask, rng)
+        proximal = 0.5 * proximal_mu * squared_distance(params, server_params)
+        return mean_loss + proximal, loss_sum
+
+    def client_step(local: FedProxLocalState, batch, mask, rng):
+        grads, loss_sum = jax.grad(local_objective, has_aux=True)(
+            local.params, local.server_params, batch, mask, rng
+        )
+        updates, opt_state = client_optimizer.update(grads, local.opt_state, local.params)
+        params = optax.apply_updates(local.params, updates)
+        stats = {"loss_sum": loss_sum, "num_examples": num_real_examples(mask)}
+        return FedProxLocalState(params, opt_state, local.server_params), stats
+
+    def client_finalize(server_params, local: FedProxLocalState) -> ClientOutput:
+        delta = jax.tree.map(jnp.subtract, server_params, local.params)
+        return ClientOutput(update=delta, metrics={"update_norm": tree_l2_norm(delta)})
+
+    def client_contribution(server_state: ServerState, output: ClientOutput, weight, rng):
+        return aggregator.client_transform(
+            output.update, weight, server_state.aggregator_state, rng
+        )
+
+    def server_update(server_state: ServerState, reduced, rng):
+        delta, aggregator_state, metrics = aggregator.finalize(
+            reduced, server_state.aggregator_state, rng
+        )
+        updates, opt_state = server_optimizer.update(
+            delta, server_state.opt_state, server_state.params
+        )
+        params = optax.apply_updates(server_state.params, updates)
+        metrics = dict(metrics, server_update_norm=tree_l2_norm(delta))
+        return ServerState(params, opt_state, aggregator_state, server_state.round + 1), metrics
+
+    return Algorithm(
+        init=init,
+        broadcast=broadcast,
+        client_init=client_init,
+        client_step=client_step,
+        client_finalize=client_finalize,
+        client_contribution=client_contribution,
+        server_update=server_update,
+        reduction=aggregator.reduction,
+    )
