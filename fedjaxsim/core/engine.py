@@ -127,12 +127,26 @@ def _pad_axis0(tree, num_padding: int, fill=0):
     return jax.tree.map(pad, tree)
 
 
-def build_round(algorithm: Algorithm, plan: ExecutionPlan | None = None):
+def _sum_leading(leaf):
+    """Sum over axis 0. Short axes are added pairwise: on XLA:CPU (jax 0.10.2)
+    the YNNPACK reduce fusion takes ~4.6 ms to sum [10, 784, 62] over axis 0,
+    where ten adds take ~0.05 ms."""
+    if leaf.shape[0] <= 32:
+        return sum((leaf[i] for i in range(1, leaf.shape[0])), leaf[0])
+    return jnp.sum(leaf, axis=0)
+
+
+def build_round(algorithm: Algorithm, plan: ExecutionPlan | None = None, mesh=None):
     """Builds the jitted round function of ``algorithm`` under ``plan``.
 
     Args:
       algorithm: the algorithm record.
       plan: execution plan; :func:`default_plan` when None.
+      mesh: optional ``jax.sharding.Mesh`` with a ``"clients"`` axis
+        (``fedjaxsim.core.sharding.client_mesh``). Lanes are sharded over it
+        (place cohorts with ``sharding.shard_cohort``), server state is
+        replicated, and the sum of contributions becomes an all-reduce
+        inserted by the compiler. Each chunk spans every device.
 
     Returns:
       ``round_fn(server_state, cohort, rng, client_states=())`` returning
@@ -147,6 +161,19 @@ def build_round(algorithm: Algorithm, plan: ExecutionPlan | None = None):
             f"algorithm.reduction must be one of {REDUCTIONS}, got {algorithm.reduction!r}"
         )
     stacked = algorithm.reduction == "stack"
+    if mesh is not None:
+        from fedjaxsim.core import sharding
+
+        num_devices = sharding.mesh_size(mesh)
+        on_lanes = sharding.lane_sharding(mesh)
+        everywhere = sharding.replicated(mesh)
+    else:
+        num_devices = 1
+
+    def constrain(tree, target):
+        if mesh is None:
+            return tree
+        return jax.tree.map(lambda leaf: jax.lax.with_sharding_constraint(leaf, target), tree)
 
     def local_training_step(local, sums, batch, step_mask, step_rng):
         """One local step; an all-padding step changes nothing at all.
@@ -204,15 +231,14 @@ def build_round(algorithm: Algorithm, plan: ExecutionPlan | None = None):
             return contribution, add_axis(metrics), add_axis(new_state)
 
         # Several clients per lane, one after another. The local state is reset
-        # where a client starts; each step writes the local state into its
-        # client's row of a [clients_per_lane] buffer (the last write is the
-        # client's final state, since later steps belong to other clients or
-        # are padding), and all clients of the lane are finalised together
-        # after the scan. This keeps per-step overhead to one buffer write.
+        # where a client starts; where a client ends, its local state and step
+        # statistics are written into its row of a [clients_per_lane] buffer,
+        # and all clients of the lane are finalised together after the scan.
+        # Unbatched, lax.cond makes the write free on every other step.
         steps = jnp.arange(num_steps, dtype=jnp.int32)
-        is_first = jnp.concatenate(
-            [jnp.ones((1,), bool), step_position[1:] != step_position[:-1]]
-        )
+        changes = step_position[1:] != step_position[:-1]
+        is_first = jnp.concatenate([jnp.ones((1,), bool), changes])
+        is_last = jnp.concatenate([changes, jnp.ones((1,), bool)])
         local_step = steps - jax.lax.cummax(jnp.where(is_first, steps, 0))
         buffer = lambda tree: jax.tree.map(  # noqa: E731
             lambda leaf: jnp.zeros((clients_per_lane, *leaf.shape), leaf.dtype), tree
@@ -221,7 +247,7 @@ def build_round(algorithm: Algorithm, plan: ExecutionPlan | None = None):
 
         def step(carry, inputs):
             local, sums, local_buffer, sums_buffer = carry
-            batch, step_mask, position, first, index = inputs
+            batch, step_mask, position, first, last, index = inputs
             client_rng = client_rngs[position]
             local = jax.lax.cond(
                 first,
@@ -231,12 +257,17 @@ def build_round(algorithm: Algorithm, plan: ExecutionPlan | None = None):
             sums = _where(first, zero_stats, sums)
             step_rng = jax.random.fold_in(client_rng, index)
             local, sums = local_training_step(local, sums, batch, step_mask, step_rng)
-            put = lambda buf, value: buf.at[position].set(value)  # noqa: E731
-            local_buffer = jax.tree.map(put, local_buffer, local)
-            sums_buffer = jax.tree.map(put, sums_buffer, sums)
+
+            def record(buffers):
+                put = lambda buf, value: buf.at[position].set(value)  # noqa: E731
+                return jax.tree.map(put, buffers[0], local), jax.tree.map(put, buffers[1], sums)
+
+            local_buffer, sums_buffer = jax.lax.cond(
+                last, record, lambda buffers: buffers, (local_buffer, sums_buffer)
+            )
             return (local, sums, local_buffer, sums_buffer), None
 
-        inputs = (data, mask, step_position, is_first, local_step)
+        inputs = (data, mask, step_position, is_first, is_last, local_step)
         (_, _, final_locals, final_sums), _ = jax.lax.scan(
             step, carry0, inputs, unroll=plan.scan_unroll
         )
@@ -245,7 +276,7 @@ def build_round(algorithm: Algorithm, plan: ExecutionPlan | None = None):
         )(final_locals, final_sums, weights, client_rngs)
         if not stacked:
             contributions = jax.tree.map(
-                lambda c: jnp.sum(jnp.where(occupied.reshape(-1, *[1] * (c.ndim - 1)), c, 0), axis=0),
+                lambda c: _sum_leading(jnp.where(occupied.reshape(-1, *[1] * (c.ndim - 1)), c, 0)),
                 contributions,
             )
         return contributions, metrics, new_states
@@ -291,24 +322,33 @@ def build_round(algorithm: Algorithm, plan: ExecutionPlan | None = None):
             lane_states,
         )
         chunk = num_lanes if plan.clients_per_chunk is None else min(plan.clients_per_chunk, num_lanes)
+        chunk = -(-chunk // num_devices) * num_devices  # every chunk spans every device
         num_chunks = -(-num_lanes // chunk)
         num_padding = num_chunks * chunk - num_lanes
         if num_padding:  # empty lanes: no real examples, unoccupied positions
             inputs = _pad_axis0(inputs, num_padding)
+        inputs = constrain(inputs, on_lanes if mesh is not None else None)
 
         def reduce_lanes(contribution):
             if stacked:
                 return contribution
-            return jax.tree.map(lambda c: jnp.sum(c, axis=0), contribution)
+            if mesh is not None:  # an all-reduce over the sharded lane axis
+                return jax.tree.map(lambda c: jnp.sum(c, axis=0), contribution)
+            return jax.tree.map(_sum_leading, contribution)
 
         if num_chunks == 1:
             contribution, metrics, new_states = per_lane(*inputs)
             reduced = reduce_lanes(contribution)
         else:
-            chunked = jax.tree.map(lambda leaf: leaf.reshape(num_chunks, chunk, *leaf.shape[1:]), inputs)
+            # Lane l = c * num_chunks + i goes to chunk i, position c: with the
+            # lane axis block-sharded, each chunk then holds chunk / num_devices
+            # lanes of every device, and the swap is local to each device.
+            chunked = jax.tree.map(
+                lambda leaf: jnp.swapaxes(leaf.reshape(chunk, num_chunks, *leaf.shape[1:]), 0, 1), inputs
+            )
             if plan.chunk_loop == "unroll":
                 outputs = [per_lane(*_take(chunked, i)) for i in range(num_chunks)]
-                concat = lambda *xs: jnp.concatenate(xs)  # noqa: E731
+                concat = lambda *xs: jnp.stack(xs)  # noqa: E731
                 metrics = jax.tree.map(concat, *[o[1] for o in outputs])
                 new_states = jax.tree.map(concat, *[o[2] for o in outputs])
                 if stacked:
@@ -321,7 +361,6 @@ def build_round(algorithm: Algorithm, plan: ExecutionPlan | None = None):
                     _, (reduced, metrics, new_states) = jax.lax.scan(
                         lambda carry, chunk_inputs: (carry, per_lane(*chunk_inputs)), (), chunked
                     )
-                    reduced = jax.tree.map(lambda leaf: leaf.reshape(-1, *leaf.shape[2:]), reduced)
                 else:
                     shape = jax.eval_shape(lambda *a: reduce_lanes(per_lane(*a)[0]), *_take(chunked, 0))
 
@@ -331,9 +370,12 @@ def build_round(algorithm: Algorithm, plan: ExecutionPlan | None = None):
                         return total, (metrics, states)
 
                     reduced, (metrics, new_states) = jax.lax.scan(body, _zeros_like_shapes(shape), chunked)
-                flatten = lambda leaf: leaf.reshape(-1, *leaf.shape[2:])  # noqa: E731
-                metrics = jax.tree.map(flatten, metrics)
-                new_states = jax.tree.map(flatten, new_states)
+            # [num_chunks, chunk, ...] back to lane order [lanes, ...].
+            unchunk = lambda leaf: jnp.swapaxes(leaf, 0, 1).reshape(-1, *leaf.shape[2:])  # noqa: E731
+            metrics = jax.tree.map(unchunk, metrics)
+            new_states = jax.tree.map(unchunk, new_states)
+            if stacked:
+                reduced = jax.tree.map(unchunk, reduced)
 
         # [lanes, per_lane, ...] -> [num_clients, ...] in cohort order.
         positions = jnp.pad(lane_clients, ((0, num_padding), (0, 0)), constant_values=num_clients).reshape(-1)
@@ -348,6 +390,8 @@ def build_round(algorithm: Algorithm, plan: ExecutionPlan | None = None):
         if stacked:
             reduced = jax.tree.map(scatter, reduced)
         new_server_state, server_metrics = algorithm.server_update(server_state, reduced, server_rng)
+        if mesh is not None:
+            new_server_state = constrain(new_server_state, everywhere)
         return new_server_state, RoundOutput(metrics, server_metrics, new_states)
 
     return jax.jit(round_fn)
