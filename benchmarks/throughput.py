@@ -6,10 +6,12 @@ pixels, 62 labels); FedAvg with 1 local epoch, batch 20, client SGD lr 0.1,
 server SGD lr 1.0. For each model, cohort and execution plan it prints one
 JSON line:
 
-  sec_per_round         median wall time of a steady-state round (device
-                        compute; packing runs beforehand, see pack_s)
+  sec_per_round         median wall time of a steady-state round (second
+                        pass over the same cohorts; packing runs beforehand,
+                        see pack_s)
   examples_per_s        real (unpadded) examples trained per second
-  compile_s             first round's time minus the steady median
+  compile_s             time of a first pass over the cohorts (compiling every
+                        step bucket they need) minus the steady second pass
   pack_s                median host packing time per round
   limit_examples_per_s  plain centralized training of the same model on the
                         same device in the same run: a jitted SGD step over
@@ -102,14 +104,14 @@ def centralized_limit(model_name: str, batch: int, cohort: int, repeats: int = 3
     return best
 
 
-def measure(model_name, cohort, plan_name, plan, rounds, warmup, batch, population, limit):
+def measure(model_name, cohort, plan_name, plan, rounds, batch, population, limit, step_bucket):
     model = get_model(model_name, NUM_CLASSES)
     params = model.init(jax.random.key(0), jnp.zeros((1, 28, 28, 1)))
     algorithm = fed_sgd_avg(classification_loss(model), client_learning_rate=0.1, server_learning_rate=1.0)
     round_fn = build_round(algorithm, plan)
-    packing = PackingConfig(batch_size=batch, num_epochs=1)
+    packing = PackingConfig(batch_size=batch, num_epochs=1, step_bucket=step_bucket)
     cohorts, pack_times = [], []
-    for round_index in range(warmup + rounds):
+    for round_index in range(rounds):
         ids = population.cohort_ids(round_index, cohort)
         clients = [dict(zip(("x", "y"), population.client(int(i)))) for i in ids]
         tic = time.perf_counter()
@@ -120,16 +122,23 @@ def measure(model_name, cohort, plan_name, plan, rounds, warmup, batch, populati
         pack_times.append(time.perf_counter() - tic)
         cohorts.append(jax.device_put(packed))
     state = algorithm.init(params)
-    times, examples = [], []
-    for round_index, packed in enumerate(cohorts):
-        tic = time.perf_counter()
-        state, out = round_fn(state, packed, jax.random.key(round_index))
-        jax.block_until_ready(state.params)
-        times.append(time.perf_counter() - tic)
-        examples.append(int(np.asarray(packed.mask).sum()))
-    steady = times[warmup:]
+    # Pass 1 compiles every step bucket these cohorts need; pass 2, over the
+    # same cohorts, is the steady state a long run reaches once its handful of
+    # shapes are compiled. compile_s is the difference of the two passes.
+    passes = []
+    for _ in range(2):
+        times = []
+        for round_index, packed in enumerate(cohorts):
+            tic = time.perf_counter()
+            state, out = round_fn(state, packed, jax.random.key(round_index))
+            jax.block_until_ready(state.params)
+            times.append(time.perf_counter() - tic)
+        passes.append(times)
+    compile_pass, steady = passes
+    examples = [int(np.asarray(packed.mask).sum()) for packed in cohorts]
     median = statistics.median(steady)
-    examples_per_s = sum(examples[warmup:]) / sum(steady)
+    examples_per_s = sum(examples) / sum(steady)
+    num_shapes = len({np.shape(packed.mask) for packed in cohorts})
     return {
         "model": model_name,
         "cohort": cohort,
@@ -139,9 +148,11 @@ def measure(model_name, cohort, plan_name, plan, rounds, warmup, batch, populati
         "clients_per_chunk": plan.clients_per_chunk,
         "conv_lowering": plan.conv_lowering,
         "rounds": rounds,
+        "step_bucket": step_bucket,
         "sec_per_round": round(median, 5),
         "examples_per_s": round(examples_per_s, 1),
-        "compile_s": round(times[0] - median, 3),
+        "compile_s": round(sum(compile_pass) - sum(steady), 3),
+        "compiled_shapes": num_shapes,
         "pack_s": round(statistics.median(pack_times), 5),
         "limit_examples_per_s": round(limit, 1),
         "ratio_to_limit": round(examples_per_s / limit, 3),
@@ -157,9 +168,9 @@ def main(argv=None):
     parser.add_argument("--model", default="all", help="cnn, dense, logreg or all (comma-separated)")
     parser.add_argument("--cohort", default="10", help="comma-separated cohort sizes")
     parser.add_argument("--rounds", type=int, default=None, help="timed rounds (default: by model)")
-    parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--batch", type=int, default=20)
     parser.add_argument("--plans", default="default", help="comma-separated: default, vmap, lanesN, lax")
+    parser.add_argument("--step-bucket", default="geometric", help="pow2, geometric, exact or an int")
     parser.add_argument("--output", default=None, help="also append the JSON lines to this file")
     parser.add_argument(
         "--ynn-fusion-types", default=RECOMMENDED_YNN_FUSION_TYPES,
@@ -175,7 +186,10 @@ def main(argv=None):
         for cohort in [int(c) for c in args.cohort.split(",")]:
             limit = centralized_limit(model_name, args.batch, cohort)
             for plan_name, plan in named_plans(args.plans.split(","), model_name).items():
-                record = measure(model_name, cohort, plan_name, plan, rounds, args.warmup, args.batch, population, limit)
+                bucket = int(args.step_bucket) if args.step_bucket.isdigit() else args.step_bucket
+                record = measure(
+                    model_name, cohort, plan_name, plan, rounds, args.batch, population, limit, bucket
+                )
                 line = json.dumps(record)
                 print(line, flush=True)
                 if args.output:

@@ -79,6 +79,21 @@ class PackingConfig:
         steps = self.num_epochs * math.ceil(num_examples / self.batch_size)
         return steps if self.max_steps is None else min(steps, self.max_steps)
 
+    def num_processed(self, num_examples: int) -> int:
+        """Real examples a client of ``num_examples`` trains on in a round."""
+        per_epoch = math.ceil(num_examples / self.batch_size)
+        full_epochs, extra_steps = divmod(self.steps_for(num_examples), per_epoch)
+        # The partial batch closes an epoch, so the extra steps are full batches.
+        return full_epochs * num_examples + extra_steps * self.batch_size
+
+    def client_weight(self, num_examples: int) -> float:
+        """The aggregation weight of a client holding ``num_examples`` examples."""
+        if self.weighting == "num_examples":
+            return float(num_examples)
+        if self.weighting == "num_processed":
+            return float(self.num_processed(num_examples))
+        return 1.0
+
     def bucket(self, num_steps: int) -> int:
         """Rounds ``num_steps`` up to its bucket."""
         num_steps = max(int(num_steps), 1)
@@ -300,13 +315,7 @@ def pack_cohort(
                 data[name][lane_index, steps] = flat.reshape(len(indices), batch, *shape)
             cursor += len(indices)
 
-    weight = np.zeros(num_clients, dtype=np.float32)
-    if config.weighting == "num_examples":
-        weight[:] = sizes
-    elif config.weighting == "num_processed":
-        weight[:] = [int((s >= 0).sum()) for s in step_indices]
-    else:
-        weight[:] = 1.0
+    weight = np.array([config.client_weight(n) for n in sizes], dtype=np.float32)
     return Cohort(
         data=data,
         mask=mask,
