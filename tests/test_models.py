@@ -109,3 +109,12 @@ def test_nnx_module_and_pure_functions_train_identically(logreg_params):
     np.testing.assert_allclose(np.asarray(nnx_params["bias"][...]), pure_params["b"], atol=1e-6)
     moved = np.abs(np.asarray(pure_params["w"]) - np.asarray(dense["kernel"])).max()
     assert moved > 1e-3  # training really happened
+
+
+def test_uint8_pixels_are_scaled_like_float_pixels(digits_cnn):
+    params = digits_cnn.init(jax.random.key(0), jnp.zeros((1, 8, 8, 1)))
+    pixels = np.random.default_rng(3).integers(0, 256, size=(2, 8, 8, 1)).astype(np.uint8)
+    as_float = pixels.astype(np.float32) / 255.0
+    np.testing.assert_allclose(
+        digits_cnn.apply(params, pixels, None, False), digits_cnn.apply(params, as_float, None, False), atol=1e-6
+    )

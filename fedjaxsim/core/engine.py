@@ -340,14 +340,21 @@ def build_round(algorithm: Algorithm, plan: ExecutionPlan | None = None, mesh=No
             contribution, metrics, new_states = per_lane(*inputs)
             reduced = reduce_lanes(contribution)
         else:
-            # Lane l = c * num_chunks + i goes to chunk i, position c: with the
-            # lane axis block-sharded, each chunk then holds chunk / num_devices
-            # lanes of every device, and the swap is local to each device.
-            chunked = jax.tree.map(
-                lambda leaf: jnp.swapaxes(leaf.reshape(chunk, num_chunks, *leaf.shape[1:]), 0, 1), inputs
-            )
+            # Lane l = c * num_chunks + i goes to chunk i, position c. The
+            # reshape to [chunk, num_chunks, ...] is free (no copy), each chunk
+            # is a strided slice of it taken inside the loop, so the cohort is
+            # never duplicated in device memory; and with the lane axis
+            # block-sharded, every chunk holds chunk / num_devices lanes of
+            # every device.
+            grouped = jax.tree.map(lambda leaf: leaf.reshape(chunk, num_chunks, *leaf.shape[1:]), inputs)
+
+            def chunk_inputs(index):
+                return jax.tree.map(
+                    lambda leaf: jax.lax.dynamic_index_in_dim(leaf, index, axis=1, keepdims=False), grouped
+                )
+
             if plan.chunk_loop == "unroll":
-                outputs = [per_lane(*_take(chunked, i)) for i in range(num_chunks)]
+                outputs = [per_lane(*chunk_inputs(i)) for i in range(num_chunks)]
                 concat = lambda *xs: jnp.stack(xs)  # noqa: E731
                 metrics = jax.tree.map(concat, *[o[1] for o in outputs])
                 new_states = jax.tree.map(concat, *[o[2] for o in outputs])
@@ -357,19 +364,20 @@ def build_round(algorithm: Algorithm, plan: ExecutionPlan | None = None, mesh=No
                     partial = [reduce_lanes(o[0]) for o in outputs]
                     reduced = jax.tree.map(lambda *xs: sum(xs[1:], xs[0]), *partial)
             else:
+                indices = jnp.arange(num_chunks, dtype=jnp.int32)
                 if stacked:
                     _, (reduced, metrics, new_states) = jax.lax.scan(
-                        lambda carry, chunk_inputs: (carry, per_lane(*chunk_inputs)), (), chunked
+                        lambda carry, index: (carry, per_lane(*chunk_inputs(index))), (), indices
                     )
                 else:
-                    shape = jax.eval_shape(lambda *a: reduce_lanes(per_lane(*a)[0]), *_take(chunked, 0))
+                    shape = jax.eval_shape(lambda: reduce_lanes(per_lane(*chunk_inputs(0))[0]))
 
-                    def body(total, chunk_inputs):
-                        contribution, metrics, states = per_lane(*chunk_inputs)
+                    def body(total, index):
+                        contribution, metrics, states = per_lane(*chunk_inputs(index))
                         total = jax.tree.map(jnp.add, total, reduce_lanes(contribution))
                         return total, (metrics, states)
 
-                    reduced, (metrics, new_states) = jax.lax.scan(body, _zeros_like_shapes(shape), chunked)
+                    reduced, (metrics, new_states) = jax.lax.scan(body, _zeros_like_shapes(shape), indices)
             # [num_chunks, chunk, ...] back to lane order [lanes, ...].
             unchunk = lambda leaf: jnp.swapaxes(leaf, 0, 1).reshape(-1, *leaf.shape[2:])  # noqa: E731
             metrics = jax.tree.map(unchunk, metrics)
