@@ -47,6 +47,7 @@ from fedjaxsim.algorithms.fed_avg import fed_sgd_avg  # noqa: E402
 from fedjaxsim.core.engine import ExecutionPlan, build_round, default_plan  # noqa: E402
 from fedjaxsim.core.lowering import conv_lowering  # noqa: E402
 from fedjaxsim.core.packing import PackingConfig, pack_cohort  # noqa: E402
+from fedjaxsim.core.sharding import client_mesh, shard_cohort  # noqa: E402
 from fedjaxsim.models import classification_loss, get_model  # noqa: E402
 from fedjaxsim.runner.platform import RECOMMENDED_YNN_FUSION_TYPES, configure_xla_cpu  # noqa: E402
 
@@ -104,11 +105,11 @@ def centralized_limit(model_name: str, batch: int, cohort: int, repeats: int = 3
     return best
 
 
-def measure(model_name, cohort, plan_name, plan, rounds, batch, population, limit, step_bucket):
+def measure(model_name, cohort, plan_name, plan, rounds, batch, population, limit, step_bucket, mesh=None):
     model = get_model(model_name, NUM_CLASSES)
     params = model.init(jax.random.key(0), jnp.zeros((1, 28, 28, 1)))
     algorithm = fed_sgd_avg(classification_loss(model), client_learning_rate=0.1, server_learning_rate=1.0)
-    round_fn = build_round(algorithm, plan)
+    round_fn = build_round(algorithm, plan, mesh=mesh)
     packing = PackingConfig(batch_size=batch, num_epochs=1, step_bucket=step_bucket)
     cohorts, pack_times = [], []
     for round_index in range(rounds):
@@ -120,7 +121,7 @@ def measure(model_name, cohort, plan_name, plan, rounds, batch, population, limi
             num_total_clients=population.num_clients, num_lanes=plan.num_lanes,
         )
         pack_times.append(time.perf_counter() - tic)
-        cohorts.append(jax.device_put(packed))
+        cohorts.append(jax.device_put(packed) if mesh is None else shard_cohort(packed, mesh))
     state = algorithm.init(params)
     # Pass 1 compiles every step bucket these cohorts need; pass 2, over the
     # same cohorts, is the steady state a long run reaches once its handful of
@@ -158,6 +159,7 @@ def measure(model_name, cohort, plan_name, plan, rounds, batch, population, limi
         "ratio_to_limit": round(examples_per_s / limit, 3),
         "padded_step_fraction": round(1 - sum(examples) / sum(int(np.asarray(c.mask).size) for c in cohorts), 3),
         "device": str(jax.devices()[0].device_kind),
+        "num_devices": 1 if mesh is None else mesh.size,
         "xla_flags": os.environ.get("XLA_FLAGS", ""),
         "jax_version": jax.__version__,
     }
@@ -170,6 +172,8 @@ def main(argv=None):
     parser.add_argument("--rounds", type=int, default=None, help="timed rounds (default: by model)")
     parser.add_argument("--batch", type=int, default=20)
     parser.add_argument("--plans", default="default", help="comma-separated: default, vmap, lanesN, lax")
+    parser.add_argument("--host-devices", type=int, default=None,
+                        help="shard over N forced XLA:CPU host devices (a clients mesh)")
     parser.add_argument("--step-bucket", default="geometric", help="pow2, geometric, exact or an int")
     parser.add_argument("--output", default=None, help="also append the JSON lines to this file")
     parser.add_argument(
@@ -179,6 +183,12 @@ def main(argv=None):
     args = parser.parse_args(argv)
     if args.ynn_fusion_types != "xla-default":
         configure_xla_cpu(args.ynn_fusion_types)
+    mesh = None
+    if args.host_devices:
+        os.environ["XLA_FLAGS"] = (
+            os.environ.get("XLA_FLAGS", "") + f" --xla_force_host_platform_device_count={args.host_devices}"
+        ).strip()
+        mesh = client_mesh(jax.devices()[: args.host_devices])
     models = ["cnn", "dense", "logreg"] if args.model == "all" else args.model.split(",")
     population = EmnistLookalike()
     for model_name in models:
@@ -188,7 +198,7 @@ def main(argv=None):
             for plan_name, plan in named_plans(args.plans.split(","), model_name).items():
                 bucket = int(args.step_bucket) if args.step_bucket.isdigit() else args.step_bucket
                 record = measure(
-                    model_name, cohort, plan_name, plan, rounds, args.batch, population, limit, bucket
+                    model_name, cohort, plan_name, plan, rounds, args.batch, population, limit, bucket, mesh
                 )
                 line = json.dumps(record)
                 print(line, flush=True)

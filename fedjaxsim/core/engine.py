@@ -91,13 +91,16 @@ class ExecutionPlan:
 def default_plan(backend: str | None = None) -> ExecutionPlan:
     """Per-backend defaults, chosen by ``benchmarks/throughput.py`` (RESULTS.md).
 
-    CPU: one vmap over the whole cohort (up to 64 clients a chunk), local steps
-    in a rolled scan, convolutions as patches. GPU/TPU: 256 clients a chunk,
-    XLA convolutions.
+    CPU: the whole cohort in one lane, clients one after another in a single
+    ``lax.scan`` with no padding steps between them, and convolutions as
+    patches. On 2 cores this beat one-lane-per-client vmap for every model
+    (ragged clients leave vmapped lanes idling through padding steps, and
+    XLA:CPU runs vmapped per-client convolutions as slow grouped ones).
+    GPU/TPU: one client per lane, 256 lanes per vmap chunk, XLA convolutions.
     """
     backend = jax.default_backend() if backend is None else backend
     if backend == "cpu":
-        return ExecutionPlan(clients_per_chunk=64, scan_unroll=1, conv_lowering="patches")
+        return ExecutionPlan(num_lanes=1, scan_unroll=1, conv_lowering="patches")
     return ExecutionPlan(clients_per_chunk=256, scan_unroll=1, conv_lowering="lax")
 
 
