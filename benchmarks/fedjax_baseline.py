@@ -57,7 +57,12 @@ virtual environment outside the repository::
 Without ``--rounds`` each model runs a default number of timed rounds sized so
 that one configuration takes roughly 20 to 40 seconds on 2 CPU cores; the
 defaults are given for cohort 10 and scaled by ``10 / cohort`` for other
-cohort sizes.
+cohort sizes. ``--verbose`` prints every round's example count and time to
+stderr.
+
+Run it on an otherwise idle machine: any other process competing for the CPU
+cores slows every model down (the cnn by up to half on 2 cores). On a shared
+machine, repeat each configuration and keep the fastest run.
 """
 
 from __future__ import annotations
