@@ -21,6 +21,7 @@ from fedjaxsim.core.engine import ExecutionPlan, RoundOutput, build_round, defau
 from fedjaxsim.core.evaluation import batch_for_eval, build_classification_eval
 from fedjaxsim.core.packing import PackingConfig, pack_cohort
 from fedjaxsim.core.sampling import sample_uniform
+from fedjaxsim.core.sharding import client_mesh, shard_cohort
 
 __version__ = "0.1.0"
 
@@ -35,6 +36,7 @@ __all__ = [
     "batch_for_eval",
     "build_classification_eval",
     "build_round",
+    "client_mesh",
     "default_plan",
     "fed_adagrad",
     "fed_adam",
@@ -45,5 +47,6 @@ __all__ = [
     "masked_mean_loss",
     "pack_cohort",
     "sample_uniform",
+    "shard_cohort",
     "weighted_mean",
 ]

@@ -1,0 +1,44 @@
+"""Differential privacy and secure aggregation for federated rounds.
+
+* :mod:`fedjaxsim.privacy.dp_fed_avg`: DP-FedAvg (McMahan et al. 2018) as an
+  aggregator: per-client clipping, Gaussian noise on the sum, fixed-denominator
+  estimator, adaptive clipping (Andrew et al. 2021), ``noise_cohort_size``.
+* :mod:`fedjaxsim.privacy.accounting`: epsilon with ``dp-accounting`` (RDP and
+  PLD) for Poisson and fixed-size sampling, per-round schedules, and the noise
+  multiplier for a target epsilon. Needs the ``privacy`` extra
+  (``pip install 'fedjaxsim[privacy]'``).
+* :mod:`fedjaxsim.privacy.secure_aggregation`: pairwise-mask secure
+  aggregation (Bonawitz et al. 2017) in modular arithmetic, with dropouts.
+"""
+
+from fedjaxsim.privacy.dp_fed_avg import (
+    AdaptiveClipping,
+    DpAggregatorState,
+    EpsilonSchedule,
+    clip_by_global_norm,
+    dp_fed_avg,
+    dp_fed_avg_aggregator,
+    update_noise_multiplier,
+)
+from fedjaxsim.privacy.secure_aggregation import (
+    SecureAggregatorState,
+    mask_inputs,
+    quantize_to_fixed_point,
+    secure_aggregator,
+    unmask_sum,
+)
+
+__all__ = [
+    "AdaptiveClipping",
+    "DpAggregatorState",
+    "EpsilonSchedule",
+    "SecureAggregatorState",
+    "clip_by_global_norm",
+    "dp_fed_avg",
+    "dp_fed_avg_aggregator",
+    "mask_inputs",
+    "quantize_to_fixed_point",
+    "secure_aggregator",
+    "unmask_sum",
+    "update_noise_multiplier",
+]

@@ -1,0 +1,377 @@
+"""DP-FedAvg: user-level differential privacy by clipping and Gaussian noise.
+
+McMahan, Ramage, Talwar, Zhang. "Learning Differentially Private Recurrent
+Language Models". ICLR 2018 (arXiv:1710.06963). Adaptive clipping: Andrew,
+Thakkar, McMahan, Ramaswamy. "Differentially Private Learning with Adaptive
+Clipping". NeurIPS 2021 (arXiv:1905.03871).
+
+Each sampled client's model delta ``u_k`` is clipped to L2 norm ``C``::
+
+    clip(u_k) = u_k * min(1, C / ||u_k||)
+
+and the server adds Gaussian noise to the *sum* and divides by a **fixed
+denominator**, the estimator ``f~_f`` of McMahan et al. 2018 (Section 3)::
+
+    aggregate = (sum_k w_k clip(u_k) + N(0, (z C)^2 I)) / W_expected
+
+with client weights ``w_k`` in [0, 1]: ``1`` for every participating client
+(uniform weights, the default), or McMahan et al.'s capped weights
+``min(n_k / weight_cap, 1)``. ``W_expected`` is the *expected* total weight of
+a cohort (``qW`` in the paper; the expected cohort size with uniform weights),
+not the realised one: dividing by the realised count would make the
+denominator depend on who was sampled and leak it under Poisson sampling. One
+user changes the noised sum by at most ``C`` (weights are at most 1), so a
+round is the sampled Gaussian mechanism with noise multiplier ``z``, which
+:mod:`fedjaxsim.privacy.accounting` accounts for.
+
+Adaptive clipping (Andrew et al. 2021, Algorithm 1) tracks the
+``target_quantile`` of the update norms geometrically::
+
+    b_k = 1[||u_k|| <= C]
+    b~ = (sum_k (b_k - 1/2) + N(0, sigma_b^2)) / m + 1/2   # m: expected cohort size
+    C <- C * exp(-learning_rate * (b~ - target_quantile))
+
+The clipped-count query has its own noise ``sigma_b``. The update noise is
+``z_delta = (z^-2 - (2 sigma_b)^-2)^(-1/2)`` so that both queries together are
+one Gaussian mechanism with the configured noise multiplier ``z`` (their
+Theorem 1): account with ``z``.
+
+``noise_cohort_size`` (as in pfl-research): simulate a small cohort but add
+the noise a deployment with ``noise_cohort_size`` clients per round would add
+to the *average*: the noise on the sum is scaled by
+``expected_cohort_size / noise_cohort_size``. The metrics then carry
+``dp_noise_cohort_size`` (and ``dp_simulated_cohort_size``), and the privacy
+guarantee is the deployment's: account with ``cohort_size=noise_cohort_size``.
+
+Everything per client (clipping, weights, clipped-count bits) runs in the
+aggregator's ``client_transform`` under the engine's vmap; contributions are
+plain sums (a padding or zero-weight client contributes exact zeros), so the
+aggregation is the same when the client axis is sharded. Noise is drawn once,
+on the server, in ``finalize``.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from fedjaxsim.algorithms.fed_avg import fed_avg
+from fedjaxsim.core.aggregators import Aggregator, tree_l2_norm
+from fedjaxsim.core.algorithm import Algorithm
+from fedjaxsim.core.types import PerExampleLossFn, PyTree
+from fedjaxsim.privacy._validation import (
+    check_int,
+    check_real,
+    masked_scale,
+    usable_weight,
+)
+
+
+class EpsilonSchedule(NamedTuple):
+    """Cumulative privacy spent after each round, for the per-round metrics.
+
+    Built by :func:`fedjaxsim.privacy.accounting.epsilon_schedule`.
+    """
+
+    epsilons: np.ndarray  # float64[num_rounds]: epsilon after rounds 1, 2, ..., num_rounds
+    delta: float  # the delta every epsilon is reported at
+
+
+class AdaptiveClipping(NamedTuple):
+    """Hyper-parameters of quantile-tracking clipping (Andrew et al. 2021).
+
+    Attributes:
+      target_quantile: the fraction ``gamma`` of client updates that should
+        end up unclipped, in (0, 1). The paper's default is 0.5 (the median).
+      learning_rate: ``eta_C`` of the geometric update, > 0 (paper: 0.2).
+      clipped_count_stddev: ``sigma_b``, the noise on the count of unclipped
+        clients; ``None`` uses the paper's ``expected_cohort_size / 20`` (0
+        when ``noise_multiplier`` is 0). Must exceed ``noise_multiplier / 2``
+        (the update noise pays for the rest).
+    """
+
+    target_quantile: float = 0.5
+    learning_rate: float = 0.2
+    clipped_count_stddev: float | None = None
+
+
+class DpAggregatorState(NamedTuple):
+    clip_norm: jax.Array  # float32[]: the clip norm C used by the next round
+    denominator: jax.Array  # float32[]: the fixed denominator, the expected total weight
+    round: jax.Array  # int32[]: rounds aggregated so far (indexes the epsilon schedule)
+
+
+def clip_by_global_norm(update: PyTree, clip_norm) -> tuple[PyTree, jax.Array]:
+    """Scales ``update`` to global L2 norm at most ``clip_norm``.
+
+    Args:
+      update: a pytree of float arrays.
+      clip_norm: float32[] ``C > 0`` (``inf`` clips nothing).
+
+    Returns:
+      ``(clipped, norm)``: ``update * min(1, C / ||update||)`` and the norm
+      before clipping (float32[]). An update within the bound is returned
+      unchanged, bit for bit (it is multiplied by exactly 1).
+    """
+    norm = tree_l2_norm(update)
+    clip_norm = jnp.asarray(clip_norm, jnp.float32)
+    over = norm > clip_norm
+    scale = jnp.where(over, clip_norm / jnp.where(over, norm, 1.0), 1.0)
+    return jax.tree.map(lambda leaf: (scale * leaf).astype(leaf.dtype), update), norm
+
+
+def update_noise_multiplier(noise_multiplier: float, clipped_count_stddev: float) -> float:
+    """``z_delta`` of Andrew et al. 2021: the update noise left once the count is noised.
+
+    Args:
+      noise_multiplier: the total noise multiplier ``z`` (what is accounted for).
+      clipped_count_stddev: ``sigma_b``, noise on the unclipped-client count.
+
+    Returns:
+      ``(z^-2 - (2 sigma_b)^-2)^(-1/2)``, or 0 when ``z == 0``.
+
+    Raises:
+      ValueError: when ``2 sigma_b <= z`` (the count alone would spend the budget).
+    """
+    if noise_multiplier == 0:
+        return 0.0
+    if not 2.0 * clipped_count_stddev > noise_multiplier:
+        raise ValueError(
+            f"clipped_count_stddev must exceed noise_multiplier / 2 = {noise_multiplier / 2!r} "
+            f"for adaptive clipping, got {clipped_count_stddev!r}"
+        )
+    return (noise_multiplier**-2 - (2.0 * clipped_count_stddev) ** -2) ** -0.5
+
+
+def dp_fed_avg_aggregator(
+    clip_norm: float,
+    noise_multiplier: float,
+    expected_cohort_size: float,
+    *,
+    weight_cap: float | None = None,
+    expected_total_weight: float | None = None,
+    adaptive_clipping: AdaptiveClipping | None = None,
+    noise_cohort_size: int | None = None,
+    epsilon_schedule: EpsilonSchedule | None = None,
+) -> Aggregator:
+    """The DP-FedAvg aggregator (fixed-denominator estimator; see the module doc).
+
+    Args:
+      clip_norm: the L2 clip norm ``C > 0`` (the initial one with adaptive
+        clipping); ``inf`` disables clipping (and privacy).
+      noise_multiplier: ``z >= 0``; the noise on the sum has standard
+        deviation ``z * C``.
+      expected_cohort_size: ``m > 0``, the expected number of clients per
+        round (the cohort size under fixed-size sampling, ``qN`` under Poisson).
+      weight_cap: ``None`` gives every participating client weight 1;
+        a number ``> 0`` gives ``min(weight / weight_cap, 1)`` (McMahan et al.
+        2018's capped example counts, with the engine's client weight).
+      expected_total_weight: the fixed denominator ``qW``; defaults to
+        ``expected_cohort_size`` and is required with ``weight_cap``.
+      adaptive_clipping: track a quantile of the update norms (Andrew et al.).
+      noise_cohort_size: calibrate the noise for this many clients per round
+        instead of ``expected_cohort_size`` (must be >= it); labelled in the
+        metrics. Account with ``cohort_size=noise_cohort_size``.
+      epsilon_schedule: from :func:`fedjaxsim.privacy.accounting.epsilon_schedule`;
+        when given, round ``r``'s metrics carry ``dp_epsilon`` (spent after it;
+        NaN past the schedule's end) and ``dp_delta``.
+
+    Returns:
+      A ``"sum"`` :class:`~fedjaxsim.core.aggregators.Aggregator` whose state
+      is :class:`DpAggregatorState`. Server metrics: ``dp_clip_norm`` (the C
+      used), ``dp_noise_stddev_on_sum``, ``dp_noise_stddev_on_mean``,
+      ``dp_num_clients``, ``dp_num_clipped``, ``dp_clipped_fraction``,
+      ``num_nonfinite_updates``, plus ``dp_unclipped_fraction_estimate`` and
+      ``dp_next_clip_norm`` with adaptive clipping, ``dp_noise_cohort_size``
+      and ``dp_simulated_cohort_size`` with ``noise_cohort_size``, and
+      ``dp_epsilon``/``dp_delta`` with a schedule.
+
+    Raises:
+      ValueError: naming the parameter, for a non-positive ``clip_norm``, a
+        negative ``noise_multiplier``, a non-positive cohort size or weight,
+        a ``noise_cohort_size`` below ``expected_cohort_size``, adaptive
+        clipping hyper-parameters out of range or a clipped-count noise too
+        small for the noise multiplier.
+    """
+    clip_norm = check_real("clip_norm", clip_norm, minimum=0.0, strict_minimum=True, allow_inf=True)
+    noise_multiplier = check_real("noise_multiplier", noise_multiplier, minimum=0.0)
+    expected_cohort_size = check_real(
+        "expected_cohort_size", expected_cohort_size, minimum=0.0, strict_minimum=True
+    )
+    if weight_cap is not None:
+        weight_cap = check_real("weight_cap", weight_cap, minimum=0.0, strict_minimum=True)
+        if expected_total_weight is None:
+            raise ValueError(
+                "expected_total_weight (the fixed denominator qW) is required with weight_cap"
+            )
+    if expected_total_weight is None:
+        expected_total_weight = expected_cohort_size
+    expected_total_weight = check_real(
+        "expected_total_weight", expected_total_weight, minimum=0.0, strict_minimum=True
+    )
+    noise_scale = 1.0
+    if noise_cohort_size is not None:
+        noise_cohort_size = check_int("noise_cohort_size", noise_cohort_size, minimum=1)
+        if noise_cohort_size < expected_cohort_size:
+            raise ValueError(
+                f"noise_cohort_size must be >= expected_cohort_size ({expected_cohort_size!r}), "
+                f"got {noise_cohort_size!r}"
+            )
+        noise_scale = expected_cohort_size / noise_cohort_size
+    update_multiplier = noise_multiplier
+    count_stddev = 0.0
+    if adaptive_clipping is not None:
+        if math.isinf(clip_norm):
+            raise ValueError("clip_norm must be finite with adaptive_clipping")
+        check_real(
+            "adaptive_clipping.target_quantile",
+            adaptive_clipping.target_quantile,
+            minimum=0.0,
+            maximum=1.0,
+            strict_minimum=True,
+            strict_maximum=True,
+        )
+        check_real(
+            "adaptive_clipping.learning_rate",
+            adaptive_clipping.learning_rate,
+            minimum=0.0,
+            strict_minimum=True,
+        )
+        count_stddev = adaptive_clipping.clipped_count_stddev
+        if count_stddev is None:  # the paper's choice; no noise in a non-private run
+            count_stddev = expected_cohort_size / 20.0 if noise_multiplier > 0 else 0.0
+        count_stddev = check_real(
+            "adaptive_clipping.clipped_count_stddev", count_stddev, minimum=0.0
+        )
+        update_multiplier = update_noise_multiplier(noise_multiplier, count_stddev)
+    if epsilon_schedule is not None:
+        epsilons = jnp.asarray(epsilon_schedule.epsilons, jnp.float32)
+        if epsilons.ndim != 1 or epsilons.shape[0] < 1:
+            raise ValueError(
+                f"epsilon_schedule.epsilons must be float[num_rounds], got shape {epsilons.shape}"
+            )
+
+    def init(params):
+        del params
+        # The denominator is state, not a closure constant: XLA would turn a
+        # division by a constant into a multiplication by its (rounded)
+        # reciprocal, and the mean would no longer equal FedAvg's bit for bit.
+        return DpAggregatorState(
+            clip_norm=jnp.asarray(clip_norm, jnp.float32),
+            denominator=jnp.asarray(expected_total_weight, jnp.float32),
+            round=jnp.zeros((), jnp.int32),
+        )
+
+    def client_transform(update, weight, state: DpAggregatorState, rng):
+        del rng
+        raw_weight = jnp.asarray(weight, jnp.float32)
+        weight = usable_weight(raw_weight, update)
+        present = weight > 0
+        if weight_cap is None:
+            dp_weight = present.astype(jnp.float32)
+        else:
+            dp_weight = jnp.where(present, jnp.minimum(weight / weight_cap, 1.0), 0.0)
+        clipped, norm = clip_by_global_norm(update, state.clip_norm)
+        unclipped = jnp.logical_and(present, norm <= state.clip_norm)
+        as_float = lambda condition: condition.astype(jnp.float32)
+        return {
+            "clipped_sum": masked_scale(clipped, dp_weight, present),
+            "total_weight": dp_weight,
+            "num_clients": as_float(present),
+            "num_clipped": as_float(jnp.logical_and(present, ~unclipped)),
+            # Andrew et al. count b_k - 1/2 so that one user moves it by 1/2.
+            "centered_unclipped": jnp.where(present, as_float(unclipped) - 0.5, 0.0),
+            "num_nonfinite_updates": as_float(jnp.logical_and(raw_weight > 0, ~present)),
+        }
+
+    def finalize(reduced, state: DpAggregatorState, rng):
+        update_rng, count_rng = jax.random.split(rng)
+        if update_multiplier > 0:
+            noise_stddev = update_multiplier * noise_scale * state.clip_norm
+        else:  # not 0 * C, which is NaN for an infinite C
+            noise_stddev = jnp.zeros((), jnp.float32)
+        total = reduced["clipped_sum"]
+        if update_multiplier > 0:
+            leaves, treedef = jax.tree.flatten(total)
+            keys = jax.random.split(update_rng, len(leaves))
+            leaves = [
+                leaf
+                + (noise_stddev * jax.random.normal(key, leaf.shape, jnp.float32)).astype(
+                    leaf.dtype
+                )
+                for leaf, key in zip(leaves, keys)
+            ]
+            total = jax.tree.unflatten(treedef, leaves)
+        aggregate = jax.tree.map(lambda leaf: (leaf / state.denominator).astype(leaf.dtype), total)
+        num_clients = reduced["num_clients"]
+        metrics = {
+            "dp_clip_norm": state.clip_norm,
+            "dp_noise_stddev_on_sum": jnp.asarray(noise_stddev, jnp.float32),
+            "dp_noise_stddev_on_mean": noise_stddev / state.denominator,
+            "dp_num_clients": num_clients,
+            "dp_num_clipped": reduced["num_clipped"],
+            "dp_clipped_fraction": reduced["num_clipped"] / jnp.maximum(num_clients, 1.0),
+            "num_nonfinite_updates": reduced["num_nonfinite_updates"],
+        }
+        new_clip_norm = state.clip_norm
+        if adaptive_clipping is not None:
+            noisy_count = reduced["centered_unclipped"]
+            if count_stddev > 0:
+                noisy_count = noisy_count + count_stddev * jax.random.normal(
+                    count_rng, (), jnp.float32
+                )
+            unclipped_fraction = noisy_count / expected_cohort_size + 0.5
+            new_clip_norm = state.clip_norm * jnp.exp(
+                -adaptive_clipping.learning_rate
+                * (unclipped_fraction - adaptive_clipping.target_quantile)
+            )
+            metrics["dp_unclipped_fraction_estimate"] = unclipped_fraction
+            metrics["dp_next_clip_norm"] = new_clip_norm
+        if noise_cohort_size is not None:
+            metrics["dp_noise_cohort_size"] = jnp.asarray(noise_cohort_size, jnp.float32)
+            metrics["dp_simulated_cohort_size"] = jnp.asarray(expected_cohort_size, jnp.float32)
+        if epsilon_schedule is not None:
+            index = jnp.minimum(state.round, epsilons.shape[0] - 1)
+            metrics["dp_epsilon"] = jnp.where(
+                state.round < epsilons.shape[0], epsilons[index], jnp.nan
+            )
+            metrics["dp_delta"] = jnp.asarray(epsilon_schedule.delta, jnp.float32)
+        new_state = DpAggregatorState(new_clip_norm, state.denominator, state.round + 1)
+        return aggregate, new_state, metrics
+
+    return Aggregator(
+        init=init, client_transform=client_transform, finalize=finalize, reduction="sum"
+    )
+
+
+def dp_fed_avg(
+    per_example_loss_fn: PerExampleLossFn,
+    client_optimizer: optax.GradientTransformation,
+    server_optimizer: optax.GradientTransformation | None = None,
+    **dp_options,
+) -> Algorithm:
+    """FedAvg (any optax client and server optimizers) with the DP-FedAvg aggregator.
+
+    Args:
+      per_example_loss_fn: ``(params, batch, rng) -> float32[batch_size]``.
+      client_optimizer: optax transform for local steps.
+      server_optimizer: optax transform on the noised average (default
+        ``sgd(1.0)``; McMahan et al. 2018 also use server momentum).
+      **dp_options: the arguments of :func:`dp_fed_avg_aggregator`
+        (``clip_norm``, ``noise_multiplier``, ``expected_cohort_size``, ...).
+
+    Returns:
+      :func:`fedjaxsim.algorithms.fed_avg.fed_avg` with that aggregator; the
+      DP state lives in ``ServerState.aggregator_state``.
+    """
+    return fed_avg(
+        per_example_loss_fn,
+        client_optimizer,
+        server_optimizer,
+        aggregator=dp_fed_avg_aggregator(**dp_options),
+    )
