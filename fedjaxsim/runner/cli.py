@@ -1,64 +1,81 @@
-"""Command line: ``fedjaxsim run [options]``."""
+"""Command line: ``fedjaxsim run [--config FILE.yaml] [overrides]`` and ``fedjaxsim plot``.
+
+``fedjaxsim run --help`` lists every config key as a flag; see
+:mod:`fedjaxsim.runner.config`.
+"""
 
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import sys
 
 from fedjaxsim.runner.platform import configure_xla_cpu
-from fedjaxsim.runner.experiment import ALGORITHMS, DATASETS, ExperimentConfig, run_experiment
-from fedjaxsim.models import MODEL_NAMES
 
-_DEFAULTS = ExperimentConfig()
+USAGE = """usage: fedjaxsim run [--config FILE.yaml] [--resume] [--quiet] [--KEY VALUE ...]
+       fedjaxsim plot DIR [DIR ...] --output FILE.png
+
+  run    run (or resume) a federated experiment; `fedjaxsim run --help` lists the keys
+  plot   accuracy and loss against rounds and wall time, several runs side by side
+"""
 
 
-def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="fedjaxsim", description=__doc__)
-    commands = parser.add_subparsers(dest="command", required=True)
-    run = commands.add_parser("run", help="run a federated experiment")
-    run.add_argument("--dataset", choices=DATASETS, default=_DEFAULTS.dataset)
-    run.add_argument("--num-clients", type=int, default=_DEFAULTS.num_clients)
-    run.add_argument("--dirichlet-alpha", type=float, default=_DEFAULTS.dirichlet_alpha)
-    run.add_argument("--model", choices=MODEL_NAMES, default=_DEFAULTS.model)
-    run.add_argument("--algorithm", choices=ALGORITHMS, default=_DEFAULTS.algorithm)
-    run.add_argument("--rounds", type=int, default=_DEFAULTS.rounds)
-    run.add_argument("--cohort-size", type=int, default=_DEFAULTS.cohort_size)
-    run.add_argument("--local-epochs", type=int, default=_DEFAULTS.local_epochs)
-    run.add_argument("--batch-size", type=int, default=_DEFAULTS.batch_size)
-    run.add_argument("--max-local-steps", type=int, default=_DEFAULTS.max_local_steps)
-    run.add_argument("--client-lr", dest="client_learning_rate", type=float,
-                     default=_DEFAULTS.client_learning_rate)
-    run.add_argument("--server-lr", dest="server_learning_rate", type=float,
-                     default=_DEFAULTS.server_learning_rate)
-    run.add_argument("--seed", type=int, default=_DEFAULTS.seed)
-    run.add_argument("--eval-every", type=int, default=_DEFAULTS.eval_every)
-    run.add_argument("--output-dir", default=_DEFAULTS.output_dir)
-    run.add_argument("--num-lanes", type=int, default=None,
-                     help="pack clients into this many vmap lanes (default: the plan's)")
-    run.add_argument("--clients-per-chunk", type=int, default=None)
-    run.add_argument("--quiet", action="store_true", help="no progress bar")
-    return parser
+def _run(argv: list[str]) -> int:
+    from fedjaxsim.runner.config import ConfigError, parse_run_arguments
+
+    try:
+        config, resume_required = parse_run_arguments(argv)
+        from fedjaxsim.runner.experiment import run_experiment
+
+        summary = run_experiment(config, resume="require" if resume_required else "auto")
+    except ConfigError as error:
+        print(f"fedjaxsim: invalid config: {error}", file=sys.stderr)
+        return 2
+    except FileNotFoundError as error:
+        print(f"fedjaxsim: {error}", file=sys.stderr)
+        return 2
+    accuracy = summary["final_test_accuracy"]
+    best = summary["best_test_accuracy"]
+    print(
+        f"done: {summary['rounds']} rounds, {summary['wall_seconds']:.1f} s of training, "
+        f"final test accuracy {accuracy:.4f} (best {best:.4f}), final train loss "
+        f"{summary['final_train_loss']:.4f}; outputs in {summary['output_dir']}"
+    )
+    return 0
+
+
+def _plot(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(
+        prog="fedjaxsim plot",
+        description="Test accuracy and loss against rounds and against wall time, one line "
+        "per run, from the metrics.jsonl of each output folder.",
+    )
+    parser.add_argument("folders", nargs="+", metavar="DIR", help="output folders of runs")
+    parser.add_argument("--output", "-o", required=True, metavar="FILE.png")
+    arguments = parser.parse_args(argv)
+    from fedjaxsim.runner.plot import plot_runs
+
+    try:
+        series = plot_runs(arguments.folders, arguments.output)
+    except FileNotFoundError as error:
+        print(f"fedjaxsim plot: {error}", file=sys.stderr)
+        return 2
+    print(f"wrote {arguments.output} ({len(series)} runs)")
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
     configure_xla_cpu()
-    arguments = _parser().parse_args(argv)
-    fields = {f.name for f in dataclasses.fields(ExperimentConfig)}
-    values = {k: v for k, v in vars(arguments).items() if k in fields}
-    try:
-        config = ExperimentConfig(**values)
-    except ValueError as error:
-        print(f"fedjaxsim: invalid option: {error}", file=sys.stderr)
-        return 2
-    summary = run_experiment(config, progress=not arguments.quiet)
-    print(
-        f"done: {summary['rounds']} rounds in {summary['wall_seconds']:.1f} s, "
-        f"final test accuracy {summary['final_test_accuracy']:.4f} "
-        f"(best {summary['best_test_accuracy']:.4f}), final train loss "
-        f"{summary['final_train_loss']:.4f}; outputs in {summary['output_dir']}"
-    )
-    return 0
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        print(USAGE, file=sys.stdout if argv else sys.stderr)
+        return 0 if argv else 2
+    command, rest = argv[0], argv[1:]
+    if command == "run":
+        return _run(rest)
+    if command == "plot":
+        return _plot(rest)
+    print(f"fedjaxsim: unknown command {command!r}\n\n{USAGE}", file=sys.stderr)
+    return 2
 
 
 if __name__ == "__main__":

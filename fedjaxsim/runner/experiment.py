@@ -1,278 +1,380 @@
-"""The experiment loop: sample, pack, train, evaluate, log. The only I/O layer."""
+"""The experiment loop: sample, pack, train, evaluate, log, checkpoint.
+
+The only I/O layer. :func:`run_experiment` takes an
+:class:`~fedjaxsim.runner.config.ExperimentConfig` and writes into its
+``output_dir``:
+
+* ``config.yaml``: the resolved config (loads back with ``--config``);
+* ``metrics.jsonl``: one JSON line per round (see :func:`run_experiment`);
+* ``tensorboard/``: the same scalars as TensorBoard event files;
+* ``checkpoints/<round>/``: Orbax checkpoints (see ``checkpoints.py``);
+* ``summary.json`` and ``accuracy.png`` at the end.
+
+A folder that already holds a checkpoint is resumed from its latest one, and
+the resumed run is bit-for-bit the run that was never interrupted.
+"""
 
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import dataclasses
-import json
 import math
-import os
+import sys
 import time
 from pathlib import Path
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
-from fedjaxsim.algorithms.fed_avg import fed_adagrad, fed_adam, fed_avg_m, fed_sgd_avg, fed_yogi
-from fedjaxsim.core.engine import ExecutionPlan, build_round, default_plan
+from fedjaxsim.core.client_state import ClientStateStore
+from fedjaxsim.core.engine import build_round
 from fedjaxsim.core.evaluation import batch_for_eval, build_classification_eval
-from fedjaxsim.core.packing import PackingConfig, pack_cohort
+from fedjaxsim.core.lowering import conv_lowering
+from fedjaxsim.core.packing import pack_cohort
 from fedjaxsim.core.sampling import sample_uniform
-from fedjaxsim.data.federated import FederatedDataset
-from fedjaxsim.models import MODEL_NAMES, classification_loss, get_model
+from fedjaxsim.models import classification_loss, get_model
+from fedjaxsim.runner import faults
+from fedjaxsim.runner.checkpoints import FORMAT_VERSION, RunCheckpointer
+from fedjaxsim.runner.components import (
+    build_algorithm,
+    execution_plan,
+    load_dataset,
+    packing_config,
+    sample_evaluation_clients,
+)
+from fedjaxsim.runner.config import (
+    ConfigError,
+    ExperimentConfig,
+    config_from_dict,
+    config_to_dict,
+    dump_config,
+    flatten,
+    resolve,
+)
+from fedjaxsim.runner.evaluation import build_per_client_eval, pack_eval_clients, per_client_record
+from fedjaxsim.runner.writers import (
+    MetricsWriter,
+    ProgressBar,
+    TensorBoardWriter,
+    write_atomic,
+    write_json_atomic,
+)
 
-ALGORITHMS = ("fedavg", "fedavgm", "fedadam", "fedyogi", "fedadagrad")
-DATASETS = ("digits",)
-
-
-@dataclasses.dataclass(frozen=True)
-class ExperimentConfig:
-    """Everything one run needs; validated on construction.
-
-    Defaults run FedAvg on the embedded digits in well under a minute on a
-    2-core CPU and reach over 90% test accuracy.
-    """
-
-    dataset: str = "digits"
-    num_clients: int = 100
-    dirichlet_alpha: float = 0.5
-    model: str = "cnn"
-    algorithm: str = "fedavg"
-    rounds: int = 60
-    cohort_size: int = 10
-    local_epochs: int = 2
-    batch_size: int = 10
-    max_local_steps: int | None = None
-    client_learning_rate: float = 0.1
-    server_learning_rate: float = 1.0
-    seed: int = 0
-    eval_every: int = 5
-    eval_batch_size: int = 512
-    output_dir: str = "runs/digits-fedavg"
-    num_lanes: int | None = None
-    clients_per_chunk: int | None = None
-
-    def __post_init__(self):
-        def positive_int(name):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ValueError(f"{name} must be a positive integer, got {value!r}")
-
-        for name in ("num_clients", "rounds", "cohort_size", "local_epochs", "batch_size",
-                     "eval_every", "eval_batch_size"):
-            positive_int(name)
-        for name in ("max_local_steps", "num_lanes", "clients_per_chunk"):
-            if getattr(self, name) is not None:
-                positive_int(name)
-        if self.dataset not in DATASETS:
-            raise ValueError(f"dataset must be one of {DATASETS}, got {self.dataset!r}")
-        if self.model not in MODEL_NAMES:
-            raise ValueError(f"model must be one of {MODEL_NAMES}, got {self.model!r}")
-        if self.algorithm not in ALGORITHMS:
-            raise ValueError(f"algorithm must be one of {ALGORITHMS}, got {self.algorithm!r}")
-        for name in ("client_learning_rate", "server_learning_rate"):
-            value = getattr(self, name)
-            if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
-                raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
-        if not (self.dirichlet_alpha > 0):
-            raise ValueError(f"dirichlet_alpha must be > 0, got {self.dirichlet_alpha!r}")
-        if self.cohort_size > self.num_clients:
-            raise ValueError(
-                f"cohort_size={self.cohort_size} is larger than num_clients={self.num_clients}"
-            )
-        if not isinstance(self.seed, int) or self.seed < 0:
-            raise ValueError(f"seed must be a non-negative integer, got {self.seed!r}")
+RESUME_MODES = ("auto", "require")
+# Keys that may change when a run is resumed: they do not affect training.
+RESUMABLE_CHANGES = ("training.rounds", "output_dir", "logging.", "checkpoint.", "evaluation.")
 
 
-def load_dataset(config: ExperimentConfig) -> FederatedDataset:
-    if config.dataset == "digits":
-        from fedjaxsim.data.digits import federated_digits
+def _config_differences(saved: ExperimentConfig, current: ExperimentConfig) -> list[str]:
+    before, after = flatten(config_to_dict(saved)), flatten(config_to_dict(current))
+    return [
+        f"{key}: {before.get(key)!r} in the checkpoint, {after.get(key)!r} now"
+        for key in sorted(set(before) | set(after))
+        if before.get(key) != after.get(key) and not key.startswith(RESUMABLE_CHANGES)
+    ]
 
-        return federated_digits(config.num_clients, config.dirichlet_alpha, seed=config.seed)
-    raise ValueError(f"unknown dataset {config.dataset!r}")
 
-
-def build_algorithm(config: ExperimentConfig, loss_fn):
-    """FedAvg or one of its adaptive-server variants, with the config's rates."""
-    client_lr, server_lr = config.client_learning_rate, config.server_learning_rate
-    builders = {
-        "fedavg": fed_sgd_avg,
-        "fedavgm": fed_avg_m,
-        "fedadam": fed_adam,
-        "fedyogi": fed_yogi,
-        "fedadagrad": fed_adagrad,
+def _data_fingerprint(dataset) -> dict:
+    return {
+        "name": dataset.name,
+        "train_clients": int(dataset.train.num_clients),
+        "train_examples": int(dataset.train.total_examples),
+        "test_examples": int(dataset.test.total_examples),
     }
-    return builders[config.algorithm](
-        loss_fn, client_learning_rate=client_lr, server_learning_rate=server_lr
-    )
 
 
-class MetricsWriter:
-    """Appends one JSON object per line and flushes, so a crash loses at most a line."""
-
-    def __init__(self, path: Path):
-        self.path = path
-        self._file = open(path, "w", encoding="utf-8")
-
-    def write(self, record: dict) -> None:
-        self._file.write(json.dumps(record, sort_keys=True) + "\n")
-        self._file.flush()
-
-    def close(self) -> None:
-        self._file.close()
-
-
-def write_json_atomic(path: Path, payload: dict) -> None:
-    """Writes to a temporary file, then renames: never a half-written file."""
-    temporary = path.with_name(path.name + ".tmp")
-    temporary.write_text(json.dumps(payload, indent=2, sort_keys=True) + "\n", encoding="utf-8")
-    os.replace(temporary, path)
-
-
-def plot_history(history: list[dict], path: Path) -> None:
-    """Test accuracy and train loss against rounds, as a PNG (atomic write)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    rounds = [r["round"] for r in history]
-    losses = [r["train_loss"] for r in history]
+def _summary(history: list[dict], config: ExperimentConfig, output: Path) -> dict:
     evaluated = [r for r in history if "test_accuracy" in r]
-    figure, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
-    left.plot([r["round"] for r in evaluated], [r["test_accuracy"] for r in evaluated], marker="o")
-    left.set_xlabel("round")
-    left.set_ylabel("test accuracy")
-    left.grid(True, alpha=0.3)
-    right.plot(rounds, losses)
-    right.set_xlabel("round")
-    right.set_ylabel("train loss (cohort mean)")
-    right.grid(True, alpha=0.3)
-    figure.tight_layout()
-    temporary = path.with_name(path.stem + ".tmp.png")
-    figure.savefig(temporary, dpi=100)
-    plt.close(figure)
-    os.replace(temporary, path)
+    summary = {
+        "rounds": config.training.rounds,
+        "final_test_accuracy": evaluated[-1]["test_accuracy"] if evaluated else None,
+        "final_test_loss": evaluated[-1]["test_loss"] if evaluated else None,
+        "best_test_accuracy": max((r["test_accuracy"] for r in evaluated), default=None),
+        "final_train_loss": history[-1]["train_loss"] if history else None,
+        "examples_trained": sum(r["examples"] for r in history),
+        "wall_seconds": history[-1].get("elapsed_seconds", 0.0) if history else 0.0,
+        "output_dir": str(output),
+    }
+    per_client = [r for r in history if "client_accuracy_mean" in r]
+    if per_client:
+        summary.update(
+            {f"final_{k}": v for k, v in per_client[-1].items() if k.startswith("client_accuracy_")}
+        )
+    return summary
 
 
-def run_experiment(config: ExperimentConfig, progress: bool = True) -> dict:
-    """Runs ``config`` end to end and writes its outputs.
+def run_experiment(
+    config: ExperimentConfig, progress: bool | None = None, resume: str = "auto"
+) -> dict:
+    """Runs ``config`` end to end, or continues it from its latest checkpoint.
 
-    Writes into ``config.output_dir``: ``config.json``, ``metrics.jsonl`` (one
-    line per round), ``summary.json`` and ``accuracy.png``.
+    Every line of ``metrics.jsonl`` has ``round``, ``train_loss`` (mean over
+    the cohort's real examples), ``examples`` (real examples trained on),
+    ``mean_update_norm`` and ``max_update_norm`` (client deltas, when the
+    algorithm reports them), ``nonfinite_updates``, and wall times
+    ``pack_seconds`` (host sampling and packing, overlapped with the previous
+    round), ``compute_seconds`` (the jitted round until its metrics are on the
+    host), ``round_seconds`` and ``elapsed_seconds`` (since the run started,
+    summed over resumed sessions). Evaluated rounds add ``test_loss``,
+    ``test_accuracy`` and ``eval_seconds``; per-client evaluations add
+    ``client_accuracy_{mean,p10,p50,p90,worst10_mean}``, ``client_loss_mean``
+    and ``num_eval_clients``; checkpointed rounds ``checkpoint_seconds``.
+
+    Args:
+      config: the experiment; validated and resolved here.
+      progress: overrides ``config.logging.progress`` when not None.
+      resume: ``"auto"`` continues from the output folder's latest checkpoint
+        when there is one; ``"require"`` fails when there is none.
 
     Returns:
-      The summary dict (final test accuracy and loss, best accuracy, wall time).
+      The summary dict (also written to ``summary.json``).
+
+    Raises:
+      ConfigError: an invalid config, or a checkpoint in the output folder
+        from a run with a different config; raised before any training.
+      FloatingPointError: the train loss became NaN or Inf.
     """
-    started = time.perf_counter()
+    if resume not in RESUME_MODES:
+        raise ValueError(f"resume must be one of {RESUME_MODES}, got {resume!r}")
+    config = resolve(config)
+    if progress is not None:
+        config = dataclasses.replace(
+            config, logging=dataclasses.replace(config.logging, progress=progress)
+        )
+    # Every file and thread a session opens is closed when it ends, however it ends.
+    with contextlib.ExitStack() as stack:
+        return _run_session(config, resume, stack)
+
+
+def _run_session(config: ExperimentConfig, resume: str, stack: contextlib.ExitStack) -> dict:
     output = Path(config.output_dir)
-    output.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(output / "config.json", dataclasses.asdict(config))
+    checkpoint_dir = output / "checkpoints"
+    rounds = config.training.rounds
+
+    # Is there a run to continue? Decided before any work.
+    checkpointer = None
+    start_round, meta = 0, None
+    if checkpoint_dir.is_dir():
+        checkpointer = RunCheckpointer(checkpoint_dir, keep=config.checkpoint.keep)
+        stack.callback(checkpointer.close)
+        latest = checkpointer.latest_round()
+        if latest is not None:
+            meta = checkpointer.read_meta(latest)
+            if meta.get("format") != FORMAT_VERSION:
+                raise ConfigError(
+                    "output_dir",
+                    f"{checkpoint_dir} holds checkpoints of format {meta.get('format')!r}, "
+                    f"this fedjaxsim writes {FORMAT_VERSION}; use another output folder",
+                )
+            differences = _config_differences(config_from_dict(meta["config"]), config)
+            if differences:
+                raise ConfigError(
+                    "output_dir",
+                    f"{output} holds a run with a different config ("
+                    + "; ".join(differences)
+                    + "). Use another --output-dir, or delete its checkpoints/ to start over",
+                )
+            if latest > rounds:
+                raise ConfigError(
+                    "training.rounds",
+                    f"the checkpoint in {output} is at round {latest}, past rounds={rounds}; "
+                    f"set training.rounds >= {latest}",
+                )
+            start_round = latest
+            state_of_run = "is complete" if latest == rounds else f"resumes after round {latest}"
+            print(
+                f"fedjaxsim: {output} has a checkpoint of round {latest} of {rounds}: "
+                f"the run {state_of_run}",
+                file=sys.stderr,
+            )
+    if resume == "require" and meta is None:
+        raise ConfigError(
+            "resume",
+            f"--resume: no checkpoint in {checkpoint_dir}; run without --resume to start",
+        )
 
     dataset = load_dataset(config)
+    population = dataset.train.num_clients
     model = get_model(config.model, dataset.num_classes)
-    params = model.init(jax.random.key(config.seed), np.zeros((1, *dataset.input_shape), np.float32))
-    algorithm = build_algorithm(config, classification_loss(model))
-    base_plan = default_plan()
-    plan = ExecutionPlan(
-        num_lanes=config.num_lanes if config.num_lanes is not None else base_plan.num_lanes,
-        clients_per_chunk=config.clients_per_chunk or base_plan.clients_per_chunk,
-        scan_unroll=base_plan.scan_unroll,
-        conv_lowering=base_plan.conv_lowering,
+    root_rng = jax.random.key(config.seed)
+    params = model.init(root_rng, np.zeros((1, *dataset.input_shape), np.float32))
+    algorithm, initial_client_state_fn = build_algorithm(
+        config, classification_loss(model), population
     )
+    plan = execution_plan(config)
+    state = algorithm.init(params)
+    store = None
+    if initial_client_state_fn is not None:
+        store = ClientStateStore(initial_client_state_fn(params), population)
+    history: list[dict] = []
+    if meta is not None:
+        if meta["data"] != _data_fingerprint(dataset):
+            raise ConfigError(
+                "data",
+                f"the dataset differs from the checkpoint's: {meta['data']} then, "
+                f"{_data_fingerprint(dataset)} now",
+            )
+        abstract_state = jax.eval_shape(lambda: state)
+        state, client_store_state, meta = checkpointer.restore(start_round, abstract_state)
+        if store is not None and client_store_state is not None:
+            store.load_state_dict(client_store_state)
+        history = list(meta["history"])
+        if meta["rng_key_data"] != np.asarray(jax.random.key_data(root_rng)).tolist():
+            raise ConfigError("seed", "the checkpoint's root RNG key does not match the seed")
+
+    output.mkdir(parents=True, exist_ok=True)
+    write_atomic(output / "config.yaml", dump_config(config))
+    if checkpointer is None:
+        checkpointer = RunCheckpointer(checkpoint_dir, keep=config.checkpoint.keep)
+        stack.callback(checkpointer.close)
+
     round_fn = build_round(algorithm, plan)
     evaluate = build_classification_eval(model.apply)
     test = dataset.test.all_examples()
-    test_batches = jax.device_put(batch_for_eval(test["x"], test["y"], config.eval_batch_size))
-    packing = PackingConfig(
-        batch_size=config.batch_size,
-        num_epochs=config.local_epochs,
-        max_steps=config.max_local_steps,
+    test_batches = jax.device_put(
+        batch_for_eval(test["x"], test["y"], config.evaluation.batch_size)
     )
-    population = dataset.train.num_clients
-    if config.cohort_size > population:
-        raise ValueError(
-            f"cohort_size={config.cohort_size} is larger than the {population} clients of "
-            f"{dataset.name}"
+    per_client_every = config.evaluation.per_client_every
+    if per_client_every:
+        eval_clients, _ = sample_evaluation_clients(config, dataset)
+        client_batches = jax.device_put(
+            pack_eval_clients(eval_clients, config.evaluation.per_client_batch_size)
         )
+        evaluate_clients = build_per_client_eval(model.apply, config.evaluation.per_client_chunk)
+    packing = packing_config(config)
 
     def prepare(round_index: int):
         """Samples and packs a round and starts its host-to-device copy."""
         tic = time.perf_counter()
-        ids = sample_uniform(config.seed, round_index, population, config.cohort_size)
+        ids = sample_uniform(config.seed, round_index, population, config.training.cohort_size)
         cohort = pack_cohort(
-            dataset.train.clients(ids), ids, packing, seed=config.seed,
-            round_index=round_index, num_total_clients=population, num_lanes=plan.num_lanes,
+            dataset.train.clients(ids),
+            ids,
+            packing,
+            seed=config.seed,
+            round_index=round_index,
+            num_total_clients=population,
+            num_lanes=plan.num_lanes,
         )
-        cohort = jax.device_put(cohort)
-        return cohort, time.perf_counter() - tic
+        return jax.device_put(cohort), time.perf_counter() - tic
 
-    state = algorithm.init(params)
-    root_rng = jax.random.key(config.seed)
-    writer = MetricsWriter(output / "metrics.jsonl")
-    history: list[dict] = []
+    def meta_for(round_number: int) -> dict:
+        return {
+            "format": FORMAT_VERSION,
+            "round": round_number,
+            "seed": config.seed,
+            "rng_key_data": np.asarray(jax.random.key_data(root_rng)).tolist(),
+            "sampler": {
+                "name": "sample_uniform",
+                "population": population,
+                "cohort_size": config.training.cohort_size,
+            },
+            "config": config_to_dict(config),
+            "data": _data_fingerprint(dataset),
+            "client_store_rows": store.num_written if store is not None else 0,
+            "history": history,
+        }
+
+    writer = MetricsWriter(output / "metrics.jsonl", history)
+    stack.callback(writer.close)
+    tensorboard = None
+    if config.logging.tensorboard:
+        # The purge step makes TensorBoard drop older files' events from this
+        # round on: those a killed run logged past its checkpoint, or a
+        # previous run's in a reused folder.
+        tensorboard = TensorBoardWriter(output / "tensorboard", purge_step=start_round + 1)
+        stack.callback(tensorboard.close)
     bar = None
-    if progress:
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=config.rounds, desc="fedjaxsim", unit="round", dynamic_ncols=True)
-    last_accuracy = float("nan")
+    if config.logging.progress:
+        bar = ProgressBar(rounds, initial=start_round)
+        stack.callback(bar.close)
+    elapsed_before = history[-1].get("elapsed_seconds", 0.0) if history else 0.0
+    session_start = time.perf_counter()
     executor = concurrent.futures.ThreadPoolExecutor(max_workers=1)
-    try:
-        pending = executor.submit(prepare, 0)
-        for round_index in range(config.rounds):
-            cohort, pack_seconds = pending.result()
-            if round_index + 1 < config.rounds:  # pack round r+1 while round r trains
-                pending = executor.submit(prepare, round_index + 1)
+    stack.callback(executor.shutdown, wait=True, cancel_futures=True)
+    if start_round < rounds:
+        pending = executor.submit(prepare, start_round)
+    for round_index in range(start_round, rounds):
+        round_number = round_index + 1
+        round_start = time.perf_counter()
+        cohort, pack_seconds = pending.result()
+        if round_number < rounds:  # pack round r+1 while round r trains
+            pending = executor.submit(prepare, round_number)
+        tic = time.perf_counter()
+        round_rng = jax.random.fold_in(root_rng, round_index)
+        if store is not None:
+            client_states = jax.device_put(store.gather(np.asarray(cohort.client_id)))
+            state, out = round_fn(state, cohort, round_rng, client_states)
+            store.scatter(np.asarray(cohort.client_id), jax.device_get(out.client_states))
+        else:
+            state, out = round_fn(state, cohort, round_rng)
+        client_metrics = jax.device_get(out.client_metrics)
+        server_metrics = jax.device_get(out.server_metrics)
+        compute_seconds = time.perf_counter() - tic
+        examples = float(np.sum(client_metrics["num_examples"]))
+        record = {
+            "round": round_number,
+            "train_loss": float(np.sum(client_metrics["loss_sum"]) / max(examples, 1.0)),
+            "examples": int(examples),
+        }
+        if "update_norm" in client_metrics:
+            weights = np.asarray(cohort.weight) > 0  # real clients only
+            norms = np.asarray(client_metrics["update_norm"])[weights]
+            record["mean_update_norm"] = float(np.mean(norms))
+            record["max_update_norm"] = float(np.max(norms))
+        if "num_nonfinite_updates" in server_metrics:
+            record["nonfinite_updates"] = int(server_metrics["num_nonfinite_updates"])
+        record["pack_seconds"] = pack_seconds
+        record["compute_seconds"] = compute_seconds
+        if not math.isfinite(record["train_loss"]):
+            raise FloatingPointError(
+                f"train loss became {record['train_loss']} in round {round_number}; "
+                "lower algorithm.client_learning_rate"
+            )
+        final = round_number == rounds
+        central_due = round_number % config.evaluation.every == 0 or final
+        per_client_due = bool(per_client_every) and (round_number % per_client_every == 0 or final)
+        if central_due or per_client_due:
             tic = time.perf_counter()
-            state, out = round_fn(state, cohort, jax.random.fold_in(root_rng, round_index))
-            client_metrics = jax.device_get(out.client_metrics)
-            compute_seconds = time.perf_counter() - tic
-            examples = float(np.sum(client_metrics["num_examples"]))
-            record = {
-                "round": round_index + 1,
-                "train_loss": float(np.sum(client_metrics["loss_sum"]) / max(examples, 1.0)),
-                "examples": int(examples),
-                "mean_update_norm": float(np.mean(client_metrics["update_norm"])),
-                "nonfinite_updates": int(jax.device_get(out.server_metrics["num_nonfinite_updates"])),
-                "pack_seconds": pack_seconds,
-                "compute_seconds": compute_seconds,
-            }
-            if not math.isfinite(record["train_loss"]):
-                raise FloatingPointError(
-                    f"train loss became {record['train_loss']} in round {round_index + 1}; "
-                    "lower client_learning_rate"
-                )
-            if (round_index + 1) % config.eval_every == 0 or round_index + 1 == config.rounds:
-                tic = time.perf_counter()
-                sums = jax.device_get(evaluate(state.params, test_batches))
-                record["test_loss"] = float(sums["loss_sum"] / sums["num_examples"])
-                record["test_accuracy"] = float(sums["num_correct"] / sums["num_examples"])
-                record["eval_seconds"] = time.perf_counter() - tic
-                last_accuracy = record["test_accuracy"]
-            history.append(record)
-            writer.write(record)
-            if bar is not None:
-                bar.set_postfix(loss=f"{record['train_loss']:.3f}", test_acc=f"{last_accuracy:.3f}")
-                bar.update(1)
-    finally:
-        executor.shutdown(wait=True, cancel_futures=True)
-        writer.close()
+            with conv_lowering(plan.conv_lowering):
+                if central_due:
+                    sums = jax.device_get(evaluate(state.params, test_batches))
+                    record["test_loss"] = float(sums["loss_sum"] / sums["num_examples"])
+                    record["test_accuracy"] = float(sums["num_correct"] / sums["num_examples"])
+                if per_client_due:
+                    record.update(
+                        per_client_record(
+                            jax.device_get(evaluate_clients(state.params, client_batches))
+                        )
+                    )
+            record["eval_seconds"] = time.perf_counter() - tic
+        now = time.perf_counter()
+        record["round_seconds"] = now - round_start
+        record["elapsed_seconds"] = elapsed_before + (now - session_start)
+        history.append(record)
+        every = config.checkpoint.every
+        if final or (every and round_number % every == 0):
+            tic = time.perf_counter()
+            checkpointer.save(
+                round_number,
+                state,
+                store.state_dict() if store is not None else None,
+                meta_for(round_number),
+            )
+            # Reported in this round's line (and later checkpoints' history).
+            record["checkpoint_seconds"] = time.perf_counter() - tic
+        writer.write(record)
+        if tensorboard is not None:
+            tensorboard.write(record)
         if bar is not None:
-            bar.close()
+            bar.update(record)
+        faults.maybe_pause_after_round(round_number)
+    stack.close()  # flush and close the writers before the summary is written
 
-    evaluated = [r for r in history if "test_accuracy" in r]
-    summary = {
-        "rounds": config.rounds,
-        "final_test_accuracy": evaluated[-1]["test_accuracy"],
-        "final_test_loss": evaluated[-1]["test_loss"],
-        "best_test_accuracy": max(r["test_accuracy"] for r in evaluated),
-        "final_train_loss": history[-1]["train_loss"],
-        "wall_seconds": time.perf_counter() - started,
-        "examples_trained": sum(r["examples"] for r in history),
-        "output_dir": str(output),
-    }
-    plot_history(history, output / "accuracy.png")
+    summary = _summary(history, config, output)
+    from fedjaxsim.runner.plot import plot_runs
+
+    plot_runs([output], output / "accuracy.png")
     write_json_atomic(output / "summary.json", summary)
     return summary
