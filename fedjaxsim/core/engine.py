@@ -312,7 +312,9 @@ def build_round(algorithm: Algorithm, plan: ExecutionPlan | None = None, mesh=No
                 return vmapped_lanes(*lanes)
             # A single lane runs without vmap, so that lax.cond really skips
             # padding steps and finalisation instead of computing both branches.
-            outputs = train_lane(context, *_take(lanes, 0))
+            # A reshape drops the lane axis without the copy that indexing makes.
+            single = jax.tree.map(lambda leaf: leaf.reshape(leaf.shape[1:]), lanes)
+            outputs = train_lane(context, *single)
             return jax.tree.map(lambda leaf: leaf[None], outputs)
 
         inputs = (
