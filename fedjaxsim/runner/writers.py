@@ -20,6 +20,7 @@ from pathlib import Path
 TIMING_KEYS = frozenset(
     {
         "pack_seconds",
+        "exposed_pack_seconds",
         "compute_seconds",
         "eval_seconds",
         "checkpoint_seconds",
