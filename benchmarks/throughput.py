@@ -61,8 +61,11 @@ def named_plans(names: list[str], model: str) -> dict[str, ExecutionPlan]:
             plans[name] = base
         elif name == "vmap":  # one client per lane, whole cohort in one vmap
             plans[name] = ExecutionPlan(conv_lowering=base.conv_lowering)
-        elif name.startswith("lanes"):
-            plans[name] = ExecutionPlan(num_lanes=int(name[5:]), conv_lowering=base.conv_lowering)
+        elif name.startswith("lanes"):  # lanesN or lanesNuK (scan unroll K)
+            lanes, _, unroll = name[5:].partition("u")
+            plans[name] = ExecutionPlan(
+                num_lanes=int(lanes), scan_unroll=int(unroll or 1), conv_lowering=base.conv_lowering
+            )
         elif name == "lax":  # XLA convolutions, one client per lane
             plans[name] = ExecutionPlan(conv_lowering="lax")
         else:
@@ -171,7 +174,7 @@ def main(argv=None):
     parser.add_argument("--cohort", default="10", help="comma-separated cohort sizes")
     parser.add_argument("--rounds", type=int, default=None, help="timed rounds (default: by model)")
     parser.add_argument("--batch", type=int, default=20)
-    parser.add_argument("--plans", default="default", help="comma-separated: default, vmap, lanesN, lax")
+    parser.add_argument("--plans", default="default", help="comma-separated: default, vmap, lanesN, lanesNuK, lax")
     parser.add_argument("--host-devices", type=int, default=None,
                         help="shard over N forced XLA:CPU host devices (a clients mesh)")
     parser.add_argument("--step-bucket", default="geometric", help="pow2, geometric, exact or an int")
