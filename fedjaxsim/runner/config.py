@@ -176,6 +176,10 @@ class ExecutionConfig:
     """Unroll of the local-step scan."""
     conv_lowering: Literal["auto", "patches", "lax"] | None = None
     """How convolutions are lowered (patches: slices plus one matmul)."""
+    num_devices: int = 1
+    """Shard the cohort's lanes over this many local devices (a "clients" mesh);
+    server state is replicated. On CPU, more than one needs
+    XLA_FLAGS=--xla_force_host_platform_device_count=N."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -595,6 +599,7 @@ def validate(config: ExperimentConfig) -> ExperimentConfig:
         value = getattr(config.execution, name)
         if value != "per_client":
             _check_int(f"execution.{name}", value, 1, optional=True)
+    _check_int("execution.num_devices", config.execution.num_devices, 1)
 
     # Evaluation and checkpoints.
     for name in ("every", "batch_size", "per_client_sample", "per_client_batch_size"):

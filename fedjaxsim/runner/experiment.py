@@ -29,6 +29,7 @@ import numpy as np
 
 from fedjaxsim.core.client_state import ClientStateStore
 from fedjaxsim.core.engine import build_round
+from fedjaxsim.core.sharding import client_mesh, replicated, shard_cohort
 from fedjaxsim.core.evaluation import batch_for_eval, build_classification_eval
 from fedjaxsim.core.lowering import conv_lowering
 from fedjaxsim.core.packing import pack_cohort
@@ -204,6 +205,16 @@ def _run_session(config: ExperimentConfig, resume: str, stack: contextlib.ExitSt
         config, classification_loss(model), population
     )
     plan = execution_plan(config)
+    mesh = None
+    if config.execution.num_devices > 1:
+        available = jax.local_devices()
+        if len(available) < config.execution.num_devices:
+            raise ConfigError(
+                "execution.num_devices",
+                f"{config.execution.num_devices} devices asked for, {len(available)} present; "
+                "lower it, or on CPU set XLA_FLAGS=--xla_force_host_platform_device_count=N",
+            )
+        mesh = client_mesh(available[: config.execution.num_devices])
     state = algorithm.init(params)
     store = None
     if initial_client_state_fn is not None:
@@ -230,7 +241,9 @@ def _run_session(config: ExperimentConfig, resume: str, stack: contextlib.ExitSt
         checkpointer = RunCheckpointer(checkpoint_dir, keep=config.checkpoint.keep)
         stack.callback(checkpointer.close)
 
-    round_fn = build_round(algorithm, plan)
+    if mesh is not None:  # the initial or restored state, replicated on the mesh
+        state = jax.device_put(state, replicated(mesh))
+    round_fn = build_round(algorithm, plan, mesh=mesh)
     evaluate = build_classification_eval(model.apply)
     test = dataset.test.all_examples()
     test_batches = jax.device_put(
@@ -258,7 +271,8 @@ def _run_session(config: ExperimentConfig, resume: str, stack: contextlib.ExitSt
             num_total_clients=population,
             num_lanes=plan.num_lanes,
         )
-        return jax.device_put(cohort), time.perf_counter() - tic
+        placed = jax.device_put(cohort) if mesh is None else shard_cohort(cohort, mesh)
+        return placed, time.perf_counter() - tic
 
     def meta_for(round_number: int) -> dict:
         return {
@@ -308,7 +322,10 @@ def _run_session(config: ExperimentConfig, resume: str, stack: contextlib.ExitSt
         tic = time.perf_counter()
         round_rng = jax.random.fold_in(root_rng, round_index)
         if store is not None:
-            client_states = jax.device_put(store.gather(np.asarray(cohort.client_id)))
+            client_states = jax.device_put(
+                store.gather(np.asarray(cohort.client_id)),
+                None if mesh is None else replicated(mesh),
+            )
             state, out = round_fn(state, cohort, round_rng, client_states)
             store.scatter(np.asarray(cohort.client_id), jax.device_get(out.client_states))
         else:
