@@ -16,13 +16,12 @@ from __future__ import annotations
 from typing import NamedTuple
 
 import jax
-import jax.numpy as jnp
 import optax
 
 from fedjaxsim.algorithms.common import check_number, num_real_examples, squared_distance
-from fedjaxsim.algorithms.fed_avg import ServerState, masked_mean_loss
-from fedjaxsim.core.aggregators import Aggregator, tree_l2_norm, weighted_mean
-from fedjaxsim.core.algorithm import Algorithm, ClientOutput
+from fedjaxsim.algorithms.fed_avg import fed_avg, masked_mean_loss
+from fedjaxsim.core.aggregators import Aggregator
+from fedjaxsim.core.algorithm import Algorithm
 from fedjaxsim.core.types import Params, PerExampleLossFn
 
 
@@ -59,19 +58,10 @@ def fed_prox(
       ValueError: if ``proximal_mu`` is negative or not finite.
     """
     check_number("proximal_mu", proximal_mu, minimum=0.0)
-    server_optimizer = optax.sgd(1.0) if server_optimizer is None else server_optimizer
-    aggregator = weighted_mean() if aggregator is None else aggregator
-
-    def init(params: Params) -> ServerState:
-        return ServerState(
-            params=params,
-            opt_state=server_optimizer.init(params),
-            aggregator_state=aggregator.init(params),
-            round=jnp.zeros((), jnp.int32),
-        )
-
-    def broadcast(server_state: ServerState) -> Params:
-        return server_state.params
+    # The server side (init, broadcast, aggregation, server step) and the
+    # finalisation (delta = w_server - w_k) are FedAvg's; only the local
+    # objective and the local state, which carries w_server, differ.
+    base = fed_avg(per_example_loss_fn, client_optimizer, server_optimizer, aggregator)
 
     def client_init(server_params, client_state, rng) -> FedProxLocalState:
         del client_state, rng
@@ -91,33 +81,4 @@ def fed_prox(
         stats = {"loss_sum": loss_sum, "num_examples": num_real_examples(mask)}
         return FedProxLocalState(params, opt_state, local.server_params), stats
 
-    def client_finalize(server_params, local: FedProxLocalState) -> ClientOutput:
-        delta = jax.tree.map(jnp.subtract, server_params, local.params)
-        return ClientOutput(update=delta, metrics={"update_norm": tree_l2_norm(delta)})
-
-    def client_contribution(server_state: ServerState, output: ClientOutput, weight, rng):
-        return aggregator.client_transform(
-            output.update, weight, server_state.aggregator_state, rng
-        )
-
-    def server_update(server_state: ServerState, reduced, rng):
-        delta, aggregator_state, metrics = aggregator.finalize(
-            reduced, server_state.aggregator_state, rng
-        )
-        updates, opt_state = server_optimizer.update(
-            delta, server_state.opt_state, server_state.params
-        )
-        params = optax.apply_updates(server_state.params, updates)
-        metrics = dict(metrics, server_update_norm=tree_l2_norm(delta))
-        return ServerState(params, opt_state, aggregator_state, server_state.round + 1), metrics
-
-    return Algorithm(
-        init=init,
-        broadcast=broadcast,
-        client_init=client_init,
-        client_step=client_step,
-        client_finalize=client_finalize,
-        client_contribution=client_contribution,
-        server_update=server_update,
-        reduction=aggregator.reduction,
-    )
+    return base._replace(client_init=client_init, client_step=client_step)
