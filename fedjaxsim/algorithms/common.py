@@ -84,6 +84,23 @@ def weighted(tree: PyTree, weight) -> PyTree:
     )
 
 
+def weighted_contribution(weight, weighted_trees: dict, checked_trees=()) -> dict:
+    """One client's summable contribution, the shape every algorithm here sums.
+
+    Each ``weighted_trees[name]`` becomes ``weighted_<name>``, scaled by the
+    client's usable weight: its weight, or 0 when any tree (weighted or in
+    ``checked_trees``) is non-finite, so a diverged client is dropped rather
+    than poisoning the sum. Adds ``weight`` (the usable weight) and
+    ``num_nonfinite_updates`` (1 for a real client that was dropped).
+    """
+    weight = jnp.asarray(weight, jnp.float32)
+    used = effective_weight(weight, *weighted_trees.values(), *checked_trees)
+    contribution = {f"weighted_{name}": weighted(tree, used) for name, tree in weighted_trees.items()}
+    contribution["weight"] = used
+    contribution["num_nonfinite_updates"] = jnp.logical_and(weight > 0, used == 0).astype(jnp.float32)
+    return contribution
+
+
 def divide(tree: PyTree, total) -> PyTree:
     """``tree / total``, or zeros when ``total == 0`` (an empty cohort)."""
     safe_total = jnp.where(total > 0, total, 1.0)

@@ -35,11 +35,10 @@ import jax.numpy as jnp
 from fedjaxsim.algorithms.common import (
     check_number,
     divide,
-    effective_weight,
     num_real_examples,
     require_client_state,
     sgd_step,
-    weighted,
+    weighted_contribution,
 )
 from fedjaxsim.algorithms.fed_avg import masked_mean_loss
 from fedjaxsim.core.aggregators import tree_l2_norm
@@ -166,13 +165,7 @@ def ditto(
 
     def client_contribution(server_state, output: ClientOutput, weight, rng):
         del server_state, rng
-        weight = jnp.asarray(weight, jnp.float32)
-        used = effective_weight(weight, output.update)
-        return {
-            "weighted_delta": weighted(output.update, used),
-            "weight": used,
-            "num_nonfinite_updates": jnp.logical_and(weight > 0, used == 0).astype(jnp.float32),
-        }
+        return weighted_contribution(weight, {"delta": output.update})
 
     def server_update(server_state: DittoServerState, reduced, rng):
         del rng

@@ -34,10 +34,9 @@ import jax.numpy as jnp
 from fedjaxsim.algorithms.common import (
     check_number,
     divide,
-    effective_weight,
     num_real_examples,
     sgd_step,
-    weighted,
+    weighted_contribution,
 )
 from fedjaxsim.algorithms.fed_avg import masked_mean_loss
 from fedjaxsim.core.aggregators import tree_l2_norm
@@ -159,14 +158,9 @@ def fed_nova(
     def client_contribution(server_state, output: ClientOutput, weight, rng):
         del server_state, rng
         update: FedNovaUpdate = output.update
-        weight = jnp.asarray(weight, jnp.float32)
-        used = effective_weight(weight, update.normalized_delta)
-        return {
-            "weighted_normalized_delta": weighted(update.normalized_delta, used),
-            "weighted_step_norm": weighted(update.step_norm, used),
-            "weight": used,
-            "num_nonfinite_updates": jnp.logical_and(weight > 0, used == 0).astype(jnp.float32),
-        }
+        return weighted_contribution(
+            weight, {"normalized_delta": update.normalized_delta, "step_norm": update.step_norm}
+        )
 
     def server_update(server_state: FedNovaServerState, reduced, rng):
         del rng

@@ -35,10 +35,9 @@ import optax
 from fedjaxsim.algorithms.common import (
     check_number,
     divide,
-    effective_weight,
     num_real_examples,
     sgd_step,
-    weighted,
+    weighted_contribution,
 )
 from fedjaxsim.algorithms.fed_avg import masked_mean_loss
 from fedjaxsim.core.aggregators import tree_l2_norm
@@ -150,14 +149,9 @@ def mime_lite(
     def client_contribution(server_state, output: ClientOutput, weight, rng):
         del server_state, rng
         update: MimeLiteUpdate = output.update
-        weight = jnp.asarray(weight, jnp.float32)
-        used = effective_weight(weight, update.delta, update.server_gradient)
-        return {
-            "weighted_delta": weighted(update.delta, used),
-            "weighted_server_gradient": weighted(update.server_gradient, used),
-            "weight": used,
-            "num_nonfinite_updates": jnp.logical_and(weight > 0, used == 0).astype(jnp.float32),
-        }
+        return weighted_contribution(
+            weight, {"delta": update.delta, "server_gradient": update.server_gradient}
+        )
 
     def server_update(server_state: MimeLiteServerState, reduced, rng):
         del rng

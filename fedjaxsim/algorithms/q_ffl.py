@@ -34,10 +34,9 @@ import jax.numpy as jnp
 
 from fedjaxsim.algorithms.common import (
     check_number,
-    effective_weight,
     num_real_examples,
     sgd_step,
-    weighted,
+    weighted_contribution,
 )
 from fedjaxsim.algorithms.fed_avg import masked_mean_loss
 from fedjaxsim.core.aggregators import tree_l2_norm
@@ -144,14 +143,9 @@ def q_ffl(
     def client_contribution(server_state, output: ClientOutput, weight, rng):
         del server_state, rng
         update: QFflUpdate = output.update
-        weight = jnp.asarray(weight, jnp.float32)
-        used = effective_weight(weight, update.scaled_delta, update.curvature)
-        return {
-            "weighted_scaled_delta": weighted(update.scaled_delta, used),
-            "weighted_curvature": weighted(update.curvature, used),
-            "weight": used,
-            "num_nonfinite_updates": jnp.logical_and(weight > 0, used == 0).astype(jnp.float32),
-        }
+        return weighted_contribution(
+            weight, {"scaled_delta": update.scaled_delta, "curvature": update.curvature}
+        )
 
     def server_update(server_state: QFflServerState, reduced, rng):
         del rng

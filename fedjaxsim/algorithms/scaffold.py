@@ -36,11 +36,11 @@ from fedjaxsim.algorithms.common import (
     check_num_total_clients,
     check_number,
     divide,
-    effective_weight,
     num_real_examples,
     require_client_state,
     sgd_step,
     weighted,
+    weighted_contribution,
 )
 from fedjaxsim.algorithms.fed_avg import masked_mean_loss
 from fedjaxsim.core.aggregators import tree_l2_norm
@@ -163,15 +163,13 @@ def scaffold(
     def client_contribution(server_state, output: ClientOutput, weight, rng):
         del server_state, rng
         update: ScaffoldUpdate = output.update
-        weight = jnp.asarray(weight, jnp.float32)
-        used = effective_weight(weight, update.delta, update.control_delta)
-        return {
-            "weighted_delta": weighted(update.delta, used),
-            "weight": used,
-            # Unweighted sum over the clients that count (weight > 0), per the paper.
-            "control_delta": weighted(update.control_delta, (used > 0).astype(jnp.float32)),
-            "num_nonfinite_updates": jnp.logical_and(weight > 0, used == 0).astype(jnp.float32),
-        }
+        contribution = weighted_contribution(
+            weight, {"delta": update.delta}, checked_trees=(update.control_delta,)
+        )
+        # Unweighted sum over the clients that count (weight > 0), per the paper.
+        counts = (contribution["weight"] > 0).astype(jnp.float32)
+        contribution["control_delta"] = weighted(update.control_delta, counts)
+        return contribution
 
     def server_update(server_state: ScaffoldServerState, reduced, rng):
         del rng
