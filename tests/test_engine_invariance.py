@@ -8,7 +8,7 @@ import pytest
 
 from fedjaxsim.algorithms.fed_avg import fed_adam, fed_avg
 from fedjaxsim.core.client_batch import Cohort
-from fedjaxsim.core.engine import ExecutionPlan, build_round
+from fedjaxsim.core.engine import ExecutionPlan, build_round, lanes_by_steps
 from fedjaxsim.core.packing import PackingConfig, pack_cohort
 from tests.conftest import make_clients
 
@@ -97,6 +97,8 @@ PLANS = [
     (2, ExecutionPlan(num_lanes=2)),
     (None, ExecutionPlan(clients_per_chunk=2)),
     (None, ExecutionPlan(clients_per_chunk=2, chunk_loop="unroll")),
+    (None, ExecutionPlan(clients_per_chunk=2, sort_chunks=False)),
+    (2, ExecutionPlan(num_lanes=2, clients_per_chunk=1, sort_chunks=False)),
     (3, ExecutionPlan(num_lanes=3, clients_per_chunk=2, scan_unroll=3)),
     (None, ExecutionPlan(scan_unroll=True)),
 ]
@@ -108,6 +110,18 @@ def test_every_plan_gives_the_same_result(algorithm, logreg_params):
         state, out = _run(algorithm, logreg_params, _pack(num_lanes=num_lanes), plan)
         _assert_trees(reference, state, atol=2e-6)
         _assert_trees(reference_out.client_metrics, out.client_metrics, atol=1e-5)
+
+
+def test_lanes_by_steps_groups_chunks_by_length_longest_first():
+    steps = np.array([3, 8, 0, 8, 1, 5])  # real steps per lane
+    mask = np.zeros((6, 8, 2), bool)
+    for lane, n in enumerate(steps):
+        mask[lane, :n, 0] = True
+    chunks = np.asarray(lanes_by_steps(jnp.asarray(mask), num_chunks=3))
+    np.testing.assert_array_equal(chunks, [[1, 3], [5, 0], [4, 2]])
+    # Per chunk, the steps that are padding for every lane: what the engine skips.
+    chunk_steps = steps[chunks].max(axis=1)
+    np.testing.assert_array_equal(chunk_steps, [8, 5, 1])
 
 
 def test_same_seed_is_bitwise_reproducible(algorithm, logreg_params):

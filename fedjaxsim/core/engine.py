@@ -53,6 +53,12 @@ class ExecutionPlan:
         an int, or True to unroll every step.
       conv_lowering: ``"patches"`` (shifted slices plus a matmul), ``"lax"``
         (XLA convolution) or ``"auto"`` (the measured per-backend default).
+      sort_chunks: with several chunks on one device, group lanes into chunks
+        by their number of real steps (longest first), and skip a local step
+        outright when it is padding for every lane of the chunk. Vmapped lanes
+        otherwise all run to the longest lane's step count (a batched
+        ``lax.cond`` computes both branches). Ignored on a mesh, where every
+        chunk must span every device.
     """
 
     num_lanes: int | None = None
@@ -60,6 +66,7 @@ class ExecutionPlan:
     chunk_loop: str = "scan"
     scan_unroll: int | bool = 1
     conv_lowering: str = "auto"
+    sort_chunks: bool = True
 
     def __post_init__(self):
         if self.clients_per_chunk is not None and (
@@ -139,6 +146,23 @@ def _sum_leading(leaf):
     return jnp.sum(leaf, axis=0)
 
 
+def lanes_by_steps(mask, num_chunks: int):
+    """Groups lanes into ``num_chunks`` equal chunks by their number of real
+    steps, longest first (ties in lane order): chunk i holds the lanes ranked
+    ``[i * chunk, (i + 1) * chunk)``, so a chunk of short clients can stop early.
+
+    Args:
+      mask: ``bool[num_lanes, num_steps, batch]``; ``num_lanes`` divisible by
+        ``num_chunks``.
+
+    Returns:
+      ``int32[num_chunks, num_lanes // num_chunks]`` lane indices.
+    """
+    lane_steps = jnp.sum(jnp.any(mask, axis=2), axis=1)
+    order = jnp.argsort(-lane_steps, stable=True).astype(jnp.int32)
+    return order.reshape(num_chunks, -1)
+
+
 def build_round(algorithm: Algorithm, plan: ExecutionPlan | None = None, mesh=None):
     """Builds the jitted round function of ``algorithm`` under ``plan``.
 
@@ -196,12 +220,28 @@ def build_round(algorithm: Algorithm, plan: ExecutionPlan | None = None, mesh=No
         contribution = algorithm.client_contribution(server_state, output, weight, client_rng)
         return contribution, dict(sums, **output.metrics), output.client_state
 
-    def train_lane(context, data, mask, step_position, weights, client_ids, occupied, states):
+    def skip_idle_chunk_steps(step, active):
+        """Wraps a scan body so that a step that is padding for every lane of
+        the chunk (``active`` False, unbatched) is skipped by a real branch.
+        ``active is None`` (a single lane: its own cond already skips)."""
+        if active is None:
+            return step
+
+        def guarded(carry, inputs):
+            chunk_active, inputs = inputs[0], inputs[1:]
+            return jax.lax.cond(chunk_active, lambda: step(carry, inputs), lambda: (carry, None))
+
+        return guarded
+
+    def train_lane(context, active, data, mask, step_position, weights, client_ids, occupied, states):
         """Trains the clients of one lane, one after another.
 
+        ``active`` is ``bool[num_steps]`` (unbatched under vmap): whether any
+        lane of the chunk has a real example at that step; None for a lone lane.
         Returns the lane's contribution (summed over its clients, or stacked
         ``[clients_per_lane, ...]``), and per-position metrics and states.
         """
+        chunk_xs = () if active is None else (active,)
         broadcast, server_state, client_root_rng = context
         client_rngs = jax.vmap(jax.random.fold_in, in_axes=(None, 0))(client_root_rng, client_ids)
         clients_per_lane = weights.shape[0]
@@ -221,7 +261,10 @@ def build_round(algorithm: Algorithm, plan: ExecutionPlan | None = None, mesh=No
 
             steps = jnp.arange(num_steps, dtype=jnp.int32)
             (local, sums), _ = jax.lax.scan(
-                step, (local0, zero_stats), (data, mask, steps), unroll=plan.scan_unroll
+                skip_idle_chunk_steps(step, active),
+                (local0, zero_stats),
+                (*chunk_xs, data, mask, steps),
+                unroll=plan.scan_unroll,
             )
             contribution, metrics, new_state = finish_client(
                 broadcast, server_state, local, sums, weights[0], client_rngs[0]
@@ -241,7 +284,12 @@ def build_round(algorithm: Algorithm, plan: ExecutionPlan | None = None, mesh=No
         steps = jnp.arange(num_steps, dtype=jnp.int32)
         changes = step_position[1:] != step_position[:-1]
         is_first = jnp.concatenate([jnp.ones((1,), bool), changes])
-        is_last = jnp.concatenate([changes, jnp.ones((1,), bool)])
+        # A client is recorded at its last real step (padding steps after it
+        # would be exact no-ops, but a chunk may skip them), and again where
+        # its position ends, which is harmless: the state is the same.
+        real = jnp.any(mask, axis=1)
+        ends = jnp.concatenate([changes | ~real[1:], jnp.ones((1,), bool)])
+        is_last = ends & real | jnp.concatenate([changes, jnp.ones((1,), bool)])
         local_step = steps - jax.lax.cummax(jnp.where(is_first, steps, 0))
         buffer = lambda tree: jax.tree.map(  # noqa: E731
             lambda leaf: jnp.zeros((clients_per_lane, *leaf.shape), leaf.dtype), tree
@@ -270,9 +318,9 @@ def build_round(algorithm: Algorithm, plan: ExecutionPlan | None = None, mesh=No
             )
             return (local, sums, local_buffer, sums_buffer), None
 
-        inputs = (data, mask, step_position, is_first, is_last, local_step)
+        inputs = (*chunk_xs, data, mask, step_position, is_first, is_last, local_step)
         (_, _, final_locals, final_sums), _ = jax.lax.scan(
-            step, carry0, inputs, unroll=plan.scan_unroll
+            skip_idle_chunk_steps(step, active), carry0, inputs, unroll=plan.scan_unroll
         )
         contributions, metrics, new_states = jax.vmap(
             lambda local, sums, weight, rng: finish_client(broadcast, server_state, local, sums, weight, rng)
@@ -305,16 +353,17 @@ def build_round(algorithm: Algorithm, plan: ExecutionPlan | None = None, mesh=No
 
         client_root_rng, server_rng = jax.random.split(rng)
         context = (algorithm.broadcast(server_state), server_state, client_root_rng)
-        vmapped_lanes = jax.vmap(lambda *lane: train_lane(context, *lane))
-
         def per_lane(*lanes):
             if jax.tree.leaves(lanes)[0].shape[0] != 1:
-                return vmapped_lanes(*lanes)
+                active = jnp.any(lanes[1], axis=(0, 2))  # [steps]: a real example in any lane
+                return jax.vmap(
+                    lambda *lane: train_lane(context, active, *lane)
+                )(*lanes)
             # A single lane runs without vmap, so that lax.cond really skips
             # padding steps and finalisation instead of computing both branches.
             # A reshape drops the lane axis without the copy that indexing makes.
             single = jax.tree.map(lambda leaf: leaf.reshape(leaf.shape[1:]), lanes)
-            outputs = train_lane(context, *single)
+            outputs = train_lane(context, None, *single)
             return jax.tree.map(lambda leaf: leaf[None], outputs)
 
         inputs = (
@@ -341,22 +390,33 @@ def build_round(algorithm: Algorithm, plan: ExecutionPlan | None = None, mesh=No
                 return jax.tree.map(lambda c: jnp.sum(c, axis=0), contribution)
             return jax.tree.map(_sum_leading, contribution)
 
+        padded_lane_clients = jnp.pad(lane_clients, ((0, num_padding), (0, 0)), constant_values=num_clients)
         if num_chunks == 1:
             contribution, metrics, new_states = per_lane(*inputs)
             reduced = reduce_lanes(contribution)
+            output_lanes = padded_lane_clients  # outputs are in lane order
         else:
-            # Lane l = c * num_chunks + i goes to chunk i, position c. The
-            # reshape to [chunk, num_chunks, ...] is free (no copy), each chunk
-            # is a strided slice of it taken inside the loop, so the cohort is
-            # never duplicated in device memory; and with the lane axis
-            # block-sharded, every chunk holds chunk / num_devices lanes of
-            # every device.
-            grouped = jax.tree.map(lambda leaf: leaf.reshape(chunk, num_chunks, *leaf.shape[1:]), inputs)
+            if plan.sort_chunks and mesh is None:
+                # Each chunk is gathered inside the loop (one chunk's copy).
+                chunk_lanes = lanes_by_steps(inputs[1], num_chunks)
 
-            def chunk_inputs(index):
-                return jax.tree.map(
-                    lambda leaf: jax.lax.dynamic_index_in_dim(leaf, index, axis=1, keepdims=False), grouped
-                )
+                def chunk_inputs(index):
+                    rows = chunk_lanes[index]
+                    return jax.tree.map(lambda leaf: jnp.take(leaf, rows, axis=0), inputs)
+            else:
+                # Lane l = c * num_chunks + i goes to chunk i, position c. The
+                # reshape to [chunk, num_chunks, ...] is free (no copy), each
+                # chunk is a strided slice of it taken inside the loop, so the
+                # cohort is never duplicated in device memory; and with the lane
+                # axis block-sharded, every chunk holds chunk / num_devices lanes
+                # of every device.
+                chunk_lanes = jnp.arange(num_chunks * chunk, dtype=jnp.int32).reshape(chunk, num_chunks).T
+                grouped = jax.tree.map(lambda leaf: leaf.reshape(chunk, num_chunks, *leaf.shape[1:]), inputs)
+
+                def chunk_inputs(index):
+                    return jax.tree.map(
+                        lambda leaf: jax.lax.dynamic_index_in_dim(leaf, index, axis=1, keepdims=False), grouped
+                    )
 
             if plan.chunk_loop == "unroll":
                 outputs = [per_lane(*chunk_inputs(i)) for i in range(num_chunks)]
@@ -383,15 +443,16 @@ def build_round(algorithm: Algorithm, plan: ExecutionPlan | None = None, mesh=No
                         return total, (metrics, states)
 
                     reduced, (metrics, new_states) = jax.lax.scan(body, _zeros_like_shapes(shape), indices)
-            # [num_chunks, chunk, ...] back to lane order [lanes, ...].
-            unchunk = lambda leaf: jnp.swapaxes(leaf, 0, 1).reshape(-1, *leaf.shape[2:])  # noqa: E731
-            metrics = jax.tree.map(unchunk, metrics)
-            new_states = jax.tree.map(unchunk, new_states)
+            # Outputs are [num_chunks, chunk, ...]; row (i, c) is lane chunk_lanes[i, c].
+            flatten = lambda leaf: leaf.reshape(-1, *leaf.shape[2:])  # noqa: E731
+            metrics = jax.tree.map(flatten, metrics)
+            new_states = jax.tree.map(flatten, new_states)
             if stacked:
-                reduced = jax.tree.map(unchunk, reduced)
+                reduced = jax.tree.map(flatten, reduced)
+            output_lanes = padded_lane_clients[chunk_lanes.reshape(-1)]
 
         # [lanes, per_lane, ...] -> [num_clients, ...] in cohort order.
-        positions = jnp.pad(lane_clients, ((0, num_padding), (0, 0)), constant_values=num_clients).reshape(-1)
+        positions = output_lanes.reshape(-1)
 
         def scatter(leaf):
             leaf = leaf.reshape(-1, *leaf.shape[2:])
