@@ -16,9 +16,9 @@ python3 -m pip install --quiet --no-deps --no-build-isolation -e . >/dev/null 2>
   || export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
 python3 -c "import jax, flax, optax; print('jax', jax.__version__, 'flax', flax.__version__, 'optax', optax.__version__, jax.devices())"
-timeout 400 python3 benchmarks/gpu_benchmark.py --out "$OUT/gpu_results.jsonl" "$@" 2>&1 | tee "$OUT/gpu_log.txt" \
+timeout 360 python3 benchmarks/gpu_benchmark.py --out "$OUT/gpu_results.jsonl" "$@" 2>&1 | tee "$OUT/gpu_log.txt" \
   | grep -v '^{' 
 echo "benchmark exit: ${PIPESTATUS[0]}"
-JAX_DEFAULT_MATMUL_PRECISION=highest timeout 120 python3 -m pytest -q -x -p no:cacheprovider \
+JAX_DEFAULT_MATMUL_PRECISION=highest timeout 100 python3 -m pytest -q -x -p no:cacheprovider \
   tests/test_fed_avg.py tests/test_engine_invariance.py > "$OUT/tests.txt" 2>&1
 echo "GPU tests exit: $?"; tail -3 "$OUT/tests.txt"
