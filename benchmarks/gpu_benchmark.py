@@ -1,4 +1,4 @@
-"""Large-cohort throughput of the 62-class EMNIST CNN on one accelerator.
+"""Large-cohort throughput of the EMNIST-62 models on one accelerator (CNN by default).
 
 Two parts, in one process (the prepared GPU check; run it with benchmarks/gpu.sh):
 
@@ -148,40 +148,21 @@ def time_plan(plan_name, cohort_size, clients, algorithm, params, rounds, contex
     slots = int(np.prod(np.asarray(cohort.mask).shape))
     loss = float(np.sum(output.client_metrics["loss_sum"]) / max(examples, 1))
     return {
-        "plan": plan_name, "cohort": cohort_size, "batch": 20,
+        **context, "plan": plan_name, "cohort": cohort_size, "batch": 20,
         "clients_per_chunk": plan.clients_per_chunk, "num_lanes": plan.num_lanes,
         "clients_per_lane": clients_per_lane, "conv_lowering": plan.conv_lowering,
         "sort_chunks": plan.sort_chunks, "sec_per_round": round(seconds, 4),
         "examples_per_s": round(examples / seconds, 1),
         "compile_s": round(first - seconds, 2), "pack_s": round(pack_seconds, 2),
         "examples": examples, "padded_slot_fraction": round(1 - examples / slots, 3),
-        "train_loss": round(loss, 4), **context,
+        "train_loss": round(loss, 4),
         "ratio_to_central": round(examples / seconds / context["central_examples_per_s"], 3),
     }
 
 
-def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--plans", default=DEFAULT_PLANS, help="plans of the sweep (see the module docstring)")
-    parser.add_argument("--sweep-cohort", type=int, default=1000, help="0 skips the sweep")
-    parser.add_argument("--curve-plan", default=None, help="plan of the cohort curve (default: the sweep's fastest)")
-    parser.add_argument("--cohorts", default="10,100,1000,10000")
-    parser.add_argument("--rounds", type=int, default=3, help="timed rounds per configuration")
-    parser.add_argument("--central-batches", default="1024,5120")
-    parser.add_argument("--sweep-budget", type=float, default=170.0, help="start no sweep plan after this many seconds")
-    parser.add_argument("--time-budget", type=float, default=300.0, help="start no cohort after this many seconds")
-    parser.add_argument("--out", default=None, help="also append the JSON lines to this file")
-    args = parser.parse_args(argv)
-    started = time.perf_counter()
-    out = open(args.out, "a") if args.out else None
-
-    def emit(row):
-        print(json.dumps(row), flush=True)
-        if out:
-            out.write(json.dumps(row) + "\n")
-            out.flush()
-
-    model = get_model("cnn", NUM_CLASSES)
+def run_model(model_name, args, started, emit, cache):
+    """Central ceiling, plan sweep and cohort curve of one model."""
+    model = get_model(model_name, NUM_CLASSES)
     params = model.init(jax.random.key(0), jnp.zeros((1, 28, 28, 1)))
     loss_fn = classification_loss(model)
     algorithm = fed_sgd_avg(loss_fn, client_learning_rate=0.1, server_learning_rate=1.0)
@@ -191,13 +172,12 @@ def main(argv=None):
         for lowering in ("lax", "patches"):
             try:
                 central[(batch, lowering)] = centralized_examples_per_s(loss_fn, params, batch, 10, lowering)
-                emit({"central_batch": batch, "conv_lowering": lowering,
+                emit({"model": model_name, "central_batch": batch, "conv_lowering": lowering,
                       "examples_per_s": round(central[(batch, lowering)], 1), "device": device})
             except Exception:  # noqa: BLE001 (one failure must not end the run)
                 traceback.print_exc()
     limit = max(central.values()) if central else float("nan")
-    context = {"central_examples_per_s": round(limit, 1), "device": device, "jax_version": jax.__version__}
-    cache = ClientCache()
+    context = {"model": model_name, "central_examples_per_s": round(limit, 1), "device": device, "jax_version": jax.__version__}
 
     def over_budget(what, budget=None):
         if time.perf_counter() - started > (args.time_budget if budget is None else budget):
@@ -235,7 +215,7 @@ def main(argv=None):
         except Exception:  # noqa: BLE001
             print(f"# cohort {cohort_size} failed:", flush=True)
             traceback.print_exc()
-    print(f"\n({device}, jax {jax.__version__}; central limit {limit:.0f} examples/s)")
+    print(f"\n{model_name} ({device}, jax {jax.__version__}; central limit {limit:.0f} examples/s)")
     print(f"{'part':>6} {'plan':>16} {'cohort':>7} {'sec/round':>10} {'examples/s':>12} {'vs central':>10} {'compile_s':>9} {'padded':>7}")
     for part, rows in (("sweep", sweep), ("curve", curve)):
         for row in rows:
@@ -244,6 +224,33 @@ def main(argv=None):
                 f"{row['examples_per_s']:>12.0f} {row['ratio_to_central']:>10.2f} {row['compile_s']:>9.1f} "
                 f"{row['padded_slot_fraction']:>7.2f}"
             )
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--models", default="cnn", help="comma-separated: cnn, dense, logreg")
+    parser.add_argument("--plans", default=DEFAULT_PLANS, help="plans of the sweep (see the module docstring)")
+    parser.add_argument("--sweep-cohort", type=int, default=1000, help="0 skips the sweep")
+    parser.add_argument("--curve-plan", default=None, help="plan of the cohort curve (default: the sweep's fastest)")
+    parser.add_argument("--cohorts", default="10,100,1000,10000")
+    parser.add_argument("--rounds", type=int, default=3, help="timed rounds per configuration")
+    parser.add_argument("--central-batches", default="1024,5120")
+    parser.add_argument("--sweep-budget", type=float, default=170.0, help="start no sweep plan after this many seconds")
+    parser.add_argument("--time-budget", type=float, default=300.0, help="start no cohort after this many seconds")
+    parser.add_argument("--out", default=None, help="also append the JSON lines to this file")
+    args = parser.parse_args(argv)
+    started = time.perf_counter()
+    out = open(args.out, "a") if args.out else None
+
+    def emit(row):
+        print(json.dumps(row), flush=True)
+        if out:
+            out.write(json.dumps(row) + "\n")
+            out.flush()
+
+    cache = ClientCache()
+    for model_name in args.models.split(","):
+        run_model(model_name, args, started, emit, cache)
     if out:
         out.close()
 
