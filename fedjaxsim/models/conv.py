@@ -16,6 +16,7 @@ import jax
 import jax.numpy as jnp
 
 from fedjaxsim.core.lowering import current_conv_lowering
+from fedjaxsim.models.dense import matmul
 
 
 def conv2d_valid(inputs: jax.Array, kernel: jax.Array, lowering: str) -> jax.Array:
@@ -39,7 +40,8 @@ def conv2d_valid(inputs: jax.Array, kernel: jax.Array, lowering: str) -> jax.Arr
         ],
         axis=-1,
     )
-    return patches @ kernel.reshape(kernel_h * kernel_w * in_features, out_features)
+    # On CPU the kernel gradient patches^T @ g becomes a plain dot (models/dense.py).
+    return matmul(patches, kernel.reshape(kernel_h * kernel_w * in_features, out_features), "patches")
 
 
 class Conv(nn.Module):

@@ -8,6 +8,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from fedjaxsim.models.conv import Conv, max_pool_2x2
+from fedjaxsim.models.dense import Dense
 
 
 def as_float_pixels(x):
@@ -43,9 +44,9 @@ class EmnistCnn(nn.Module):
         x = max_pool_2x2(x)
         x = nn.Dropout(0.25, deterministic=not train)(x)
         x = x.reshape(x.shape[0], -1)
-        x = nn.relu(nn.Dense(128)(x))
+        x = nn.relu(Dense(128)(x))
         x = nn.Dropout(0.5, deterministic=not train)(x)
-        return nn.Dense(self.num_classes)(x)
+        return Dense(self.num_classes)(x)
 
 
 class DenseNet(nn.Module):
@@ -58,9 +59,9 @@ class DenseNet(nn.Module):
     def __call__(self, x, train: bool = False):
         del train
         x = as_float_pixels(x).reshape(x.shape[0], -1)
-        x = nn.relu(nn.Dense(self.hidden)(x))
-        x = nn.relu(nn.Dense(self.hidden)(x))
-        return nn.Dense(self.num_classes)(x)
+        x = nn.relu(Dense(self.hidden)(x))
+        x = nn.relu(Dense(self.hidden)(x))
+        return Dense(self.num_classes)(x)
 
 
 class LogisticRegression(nn.Module):
@@ -72,4 +73,4 @@ class LogisticRegression(nn.Module):
     def __call__(self, x, train: bool = False):
         del train
         x = as_float_pixels(x).reshape(x.shape[0], -1)
-        return nn.Dense(self.num_classes)(x)
+        return Dense(self.num_classes)(x)
