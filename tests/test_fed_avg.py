@@ -168,3 +168,22 @@ def test_nan_client_is_skipped_and_counted(logreg_loss, logreg_params):
     expected, _ = build_round(algorithm, ExecutionPlan())(algorithm.init(logreg_params), only_first, jax.random.key(0))
     for got, want in zip(jax.tree.leaves(state.params), jax.tree.leaves(expected)):
         np.testing.assert_allclose(got, want, atol=1e-7)
+
+
+def test_tree_norm_and_finiteness_match_numpy():
+    import jax.numpy as jnp
+
+    from fedjaxsim.core.aggregators import tree_is_finite, tree_l2_norm
+
+    rng = np.random.default_rng(9)
+    tree = {"w": rng.normal(size=(31, 7)).astype(np.float32), "b": rng.normal(size=5).astype(np.float32),
+            "half": jnp.asarray(rng.normal(size=4), jnp.bfloat16)}
+    expected = np.sqrt(sum(np.sum(np.asarray(leaf, np.float64) ** 2) for leaf in tree.values()))
+    np.testing.assert_allclose(float(tree_l2_norm(tree)), expected, rtol=1e-6)
+    assert bool(tree_is_finite(tree))
+    # bfloat16 squares are taken in float32: 300^2 would overflow float16 but not this.
+    assert bool(tree_is_finite({"half": jnp.full((3,), 300.0, jnp.bfloat16)}))
+    for bad in (np.nan, np.inf, -np.inf, 3e19):
+        broken = dict(tree, w=tree["w"].copy())
+        broken["w"][4, 2] = bad
+        assert not bool(tree_is_finite(broken)), bad
