@@ -16,7 +16,6 @@ the resumed run is bit-for-bit the run that was never interrupted.
 
 from __future__ import annotations
 
-import concurrent.futures
 import contextlib
 import dataclasses
 import math
@@ -53,6 +52,7 @@ from fedjaxsim.runner.config import (
     flatten,
     resolve,
 )
+from fedjaxsim.runner.prefetch import prefetch_rounds
 from fedjaxsim.runner.evaluation import build_per_client_eval, pack_eval_clients, per_client_record
 from fedjaxsim.runner.writers import (
     MetricsWriter,
@@ -306,20 +306,14 @@ def _run_session(config: ExperimentConfig, resume: str, stack: contextlib.ExitSt
         stack.callback(bar.close)
     elapsed_before = history[-1].get("elapsed_seconds", 0.0) if history else 0.0
     session_start = time.perf_counter()
-    executor = concurrent.futures.ThreadPoolExecutor(max_workers=1)
-    stack.callback(executor.shutdown, wait=True, cancel_futures=True)
-    if start_round < rounds:
-        pending = executor.submit(prepare, start_round)
-    for round_index in range(start_round, rounds):
+    # Packing and the host-to-device copy of round r+1 run in a worker thread
+    # while round r trains; only the wait for them is exposed in the round.
+    prefetched = prefetch_rounds(prepare, start_round, rounds)
+    stack.callback(prefetched.close)
+    for round_index, (cohort, pack_seconds), exposed_pack_seconds in prefetched:
         round_number = round_index + 1
-        round_start = time.perf_counter()
-        cohort, pack_seconds = pending.result()
-        # Packing and the host-to-device copy run in the prefetch thread while
-        # the previous round trains; only this wait is exposed in the round.
-        exposed_pack_seconds = time.perf_counter() - round_start
-        if round_number < rounds:  # pack round r+1 while round r trains
-            pending = executor.submit(prepare, round_number)
         tic = time.perf_counter()
+        round_start = tic - exposed_pack_seconds
         round_rng = jax.random.fold_in(root_rng, round_index)
         if store is not None:
             client_states = jax.device_put(

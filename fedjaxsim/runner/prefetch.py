@@ -1,0 +1,50 @@
+"""Preparing round r+1 while round r trains.
+
+:func:`prefetch_rounds` runs ``prepare(round_index)`` (sample, gather, pack and
+start the host-to-device copy) in one worker thread, one round ahead of the
+loop that consumes it, and reports how long the loop had to wait: the part of
+the preparation that is *exposed* in the round time. The runner and
+``benchmarks/prefetch.py`` both use it. Rounds are prepared in order, one at a
+time, so results do not depend on thread timing.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import time
+from typing import Callable, Iterator, TypeVar
+
+Prepared = TypeVar("Prepared")
+
+
+def prefetch_rounds(
+    prepare: Callable[[int], Prepared], start: int, stop: int, *, ahead: bool = True
+) -> Iterator[tuple[int, Prepared, float]]:
+    """Yields ``(round_index, prepare(round_index), seconds_waited)`` for
+    ``round_index`` in ``[start, stop)``.
+
+    With ``ahead`` (the default) round ``r + 1`` is submitted to a worker thread
+    as soon as round ``r`` is handed out; ``seconds_waited`` is how long the
+    consumer blocked on it. With ``ahead=False`` each round is prepared
+    synchronously when asked for (the baseline: everything is exposed).
+    If the consumer stops early or raises, the pending preparation is
+    cancelled or awaited before the generator closes, so no thread outlives it.
+    """
+    if not ahead:
+        for round_index in range(start, stop):
+            tic = time.perf_counter()
+            prepared = prepare(round_index)
+            yield round_index, prepared, time.perf_counter() - tic
+        return
+    executor = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="fedjaxsim-prefetch")
+    try:
+        pending = executor.submit(prepare, start) if start < stop else None
+        for round_index in range(start, stop):
+            tic = time.perf_counter()
+            prepared = pending.result()
+            waited = time.perf_counter() - tic
+            if round_index + 1 < stop:
+                pending = executor.submit(prepare, round_index + 1)
+            yield round_index, prepared, waited
+    finally:
+        executor.shutdown(wait=True, cancel_futures=True)
