@@ -353,6 +353,101 @@ def build_round(algorithm: Algorithm, plan: ExecutionPlan | None = None, mesh=No
             )
         return contributions, metrics, new_states
 
+    def per_lane(context, *lanes):
+        if jax.tree.leaves(lanes)[0].shape[0] != 1:
+            active = jnp.any(lanes[1], axis=(0, 2))  # [steps]: a real example in any lane
+            return jax.vmap(lambda *lane: train_lane(context, active, *lane))(*lanes)
+        # A single lane runs without vmap, so that lax.cond really skips
+        # padding steps and finalisation instead of computing both branches.
+        # A reshape drops the lane axis without the copy that indexing makes;
+        # data features are flattened too: with a size-1 feature axis (e.g.
+        # [..., 28, 28, 1]) XLA:CPU otherwise copies the whole cohort each
+        # round to change its layout (measured: 8 MB a round for 131 steps).
+        data, *rest = lanes
+        data = jax.tree.map(
+            lambda leaf: leaf.reshape(*leaf.shape[1:3], -1) if leaf.ndim > 4 else leaf.reshape(leaf.shape[1:]), data
+        )
+        rest = jax.tree.map(lambda leaf: leaf.reshape(leaf.shape[1:]), rest)
+        feature_shapes = jax.tree.map(lambda leaf: leaf.shape[3:], lanes[0])
+        outputs = train_lane(context, None, data, *rest, feature_shapes=feature_shapes)
+        return jax.tree.map(lambda leaf: leaf[None], outputs)
+
+    def reduce_lanes(contribution):
+        if stacked:
+            return contribution
+        return jax.tree.map(_sum_leading, contribution)
+
+    def train_lanes(context, inputs, lane_clients, num_clients, clients_per_chunk):
+        """Trains a block of lanes (all of them, or one device's) in chunks.
+
+        Returns ``(reduced, metrics, new_states, output_lanes)``: the summed
+        (or stacked) contributions, per-position outputs ``[lanes, per_lane,
+        ...]`` and ``output_lanes`` (int32[lanes, per_lane]: the cohort index
+        of each output position; ``num_clients`` where unoccupied).
+        """
+        num_lanes = inputs[1].shape[0]
+        chunk = num_lanes if clients_per_chunk is None else min(clients_per_chunk, num_lanes)
+        num_chunks = -(-num_lanes // chunk)
+        num_padding = num_chunks * chunk - num_lanes
+        if num_padding:  # empty lanes: no real examples, unoccupied positions
+            inputs = _pad_axis0(inputs, num_padding)
+        padded_lane_clients = jnp.pad(lane_clients, ((0, num_padding), (0, 0)), constant_values=num_clients)
+        if num_chunks == 1:
+            contribution, metrics, new_states = per_lane(context, *inputs)
+            return reduce_lanes(contribution), metrics, new_states, padded_lane_clients
+        if plan.sort_chunks:
+            # Each chunk is gathered inside the loop (one chunk's copy).
+            chunk_lanes = lanes_by_steps(inputs[1], num_chunks)
+
+            def chunk_inputs(index):
+                rows = chunk_lanes[index]
+                return jax.tree.map(lambda leaf: jnp.take(leaf, rows, axis=0), inputs)
+        else:
+            # Lane l = c * num_chunks + i goes to chunk i, position c. The
+            # reshape to [chunk, num_chunks, ...] is free (no copy) and each
+            # chunk is a strided slice of it taken inside the loop, so the
+            # cohort is never duplicated in device memory.
+            chunk_lanes = jnp.arange(num_chunks * chunk, dtype=jnp.int32).reshape(chunk, num_chunks).T
+            grouped = jax.tree.map(lambda leaf: leaf.reshape(chunk, num_chunks, *leaf.shape[1:]), inputs)
+
+            def chunk_inputs(index):
+                return jax.tree.map(
+                    lambda leaf: jax.lax.dynamic_index_in_dim(leaf, index, axis=1, keepdims=False), grouped
+                )
+
+        if plan.chunk_loop == "unroll":
+            outputs = [per_lane(context, *chunk_inputs(i)) for i in range(num_chunks)]
+            concat = lambda *xs: jnp.stack(xs)  # noqa: E731
+            metrics = jax.tree.map(concat, *[o[1] for o in outputs])
+            new_states = jax.tree.map(concat, *[o[2] for o in outputs])
+            if stacked:
+                reduced = jax.tree.map(concat, *[o[0] for o in outputs])
+            else:
+                partial = [reduce_lanes(o[0]) for o in outputs]
+                reduced = jax.tree.map(lambda *xs: sum(xs[1:], xs[0]), *partial)
+        else:
+            indices = jnp.arange(num_chunks, dtype=jnp.int32)
+            if stacked:
+                _, (reduced, metrics, new_states) = jax.lax.scan(
+                    lambda carry, index: (carry, per_lane(context, *chunk_inputs(index))), (), indices
+                )
+            else:
+                shape = jax.eval_shape(lambda: reduce_lanes(per_lane(context, *chunk_inputs(0))[0]))
+
+                def body(total, index):
+                    contribution, metrics, states = per_lane(context, *chunk_inputs(index))
+                    total = jax.tree.map(jnp.add, total, reduce_lanes(contribution))
+                    return total, (metrics, states)
+
+                reduced, (metrics, new_states) = jax.lax.scan(body, _zeros_like_shapes(shape), indices)
+        # Outputs are [num_chunks, chunk, ...]; row (i, c) is lane chunk_lanes[i, c].
+        flatten = lambda leaf: leaf.reshape(-1, *leaf.shape[2:])  # noqa: E731
+        metrics = jax.tree.map(flatten, metrics)
+        new_states = jax.tree.map(flatten, new_states)
+        if stacked:
+            reduced = jax.tree.map(flatten, reduced)
+        return reduced, metrics, new_states, padded_lane_clients[chunk_lanes.reshape(-1)]
+
     def round_fn(server_state, cohort: Cohort, rng, client_states=()):
         with conv_lowering(plan.conv_lowering):
             return _round(server_state, cohort, rng, client_states)
@@ -374,27 +469,6 @@ def build_round(algorithm: Algorithm, plan: ExecutionPlan | None = None, mesh=No
 
         client_root_rng, server_rng = jax.random.split(rng)
         context = (algorithm.broadcast(server_state), server_state, client_root_rng)
-        def per_lane(*lanes):
-            if jax.tree.leaves(lanes)[0].shape[0] != 1:
-                active = jnp.any(lanes[1], axis=(0, 2))  # [steps]: a real example in any lane
-                return jax.vmap(
-                    lambda *lane: train_lane(context, active, *lane)
-                )(*lanes)
-            # A single lane runs without vmap, so that lax.cond really skips
-            # padding steps and finalisation instead of computing both branches.
-            # A reshape drops the lane axis without the copy that indexing makes;
-            # data features are flattened too: with a size-1 feature axis (e.g.
-            # [..., 28, 28, 1]) XLA:CPU otherwise copies the whole cohort each
-            # round to change its layout (measured: 8 MB a round for 131 steps).
-            data, *rest = lanes
-            data = jax.tree.map(
-                lambda leaf: leaf.reshape(*leaf.shape[1:3], -1) if leaf.ndim > 4 else leaf.reshape(leaf.shape[1:]), data
-            )
-            rest = jax.tree.map(lambda leaf: leaf.reshape(leaf.shape[1:]), rest)
-            feature_shapes = jax.tree.map(lambda leaf: leaf.shape[3:], lanes[0])
-            outputs = train_lane(context, None, data, *rest, feature_shapes=feature_shapes)
-            return jax.tree.map(lambda leaf: leaf[None], outputs)
-
         inputs = (
             cohort.data,
             jnp.asarray(cohort.mask, bool),
@@ -404,81 +478,43 @@ def build_round(algorithm: Algorithm, plan: ExecutionPlan | None = None, mesh=No
             occupied,
             lane_states,
         )
-        chunk = num_lanes if plan.clients_per_chunk is None else min(plan.clients_per_chunk, num_lanes)
-        chunk = -(-chunk // num_devices) * num_devices  # every chunk spans every device
-        num_chunks = -(-num_lanes // chunk)
-        num_padding = num_chunks * chunk - num_lanes
-        if num_padding:  # empty lanes: no real examples, unoccupied positions
-            inputs = _pad_axis0(inputs, num_padding)
-        inputs = constrain(inputs, on_lanes if mesh is not None else None)
-
-        def reduce_lanes(contribution):
-            if stacked:
-                return contribution
-            if mesh is not None:  # an all-reduce over the sharded lane axis
-                return jax.tree.map(lambda c: jnp.sum(c, axis=0), contribution)
-            return jax.tree.map(_sum_leading, contribution)
-
-        padded_lane_clients = jnp.pad(lane_clients, ((0, num_padding), (0, 0)), constant_values=num_clients)
-        if num_chunks == 1:
-            contribution, metrics, new_states = per_lane(*inputs)
-            reduced = reduce_lanes(contribution)
-            output_lanes = padded_lane_clients  # outputs are in lane order
+        if mesh is None:
+            reduced, metrics, new_states, output_lanes = train_lanes(
+                context, inputs, lane_clients, num_clients, plan.clients_per_chunk
+            )
         else:
-            if plan.sort_chunks and mesh is None:
-                # Each chunk is gathered inside the loop (one chunk's copy).
-                chunk_lanes = lanes_by_steps(inputs[1], num_chunks)
+            # Each device trains its own block of lanes exactly as one device
+            # would (its lone lane unvmapped, its chunks grouped by length), and
+            # the contributions are summed with one psum over the clients axis.
+            from jax.sharding import PartitionSpec
 
-                def chunk_inputs(index):
-                    rows = chunk_lanes[index]
-                    return jax.tree.map(lambda leaf: jnp.take(leaf, rows, axis=0), inputs)
-            else:
-                # Lane l = c * num_chunks + i goes to chunk i, position c. The
-                # reshape to [chunk, num_chunks, ...] is free (no copy), each
-                # chunk is a strided slice of it taken inside the loop, so the
-                # cohort is never duplicated in device memory; and with the lane
-                # axis block-sharded, every chunk holds chunk / num_devices lanes
-                # of every device.
-                chunk_lanes = jnp.arange(num_chunks * chunk, dtype=jnp.int32).reshape(chunk, num_chunks).T
-                grouped = jax.tree.map(lambda leaf: leaf.reshape(chunk, num_chunks, *leaf.shape[1:]), inputs)
+            lanes_spec = PartitionSpec(sharding.CLIENT_AXIS)
+            num_padding = -num_lanes % num_devices
+            if num_padding:  # whole lanes per device
+                inputs = _pad_axis0(inputs, num_padding)
+                lane_clients = jnp.pad(lane_clients, ((0, num_padding), (0, 0)), constant_values=num_clients)
+            per_device_chunk = (
+                None if plan.clients_per_chunk is None else -(-plan.clients_per_chunk // num_devices)
+            )
 
-                def chunk_inputs(index):
-                    return jax.tree.map(
-                        lambda leaf: jax.lax.dynamic_index_in_dim(leaf, index, axis=1, keepdims=False), grouped
-                    )
+            def device_block(context, inputs, lane_clients):
+                reduced, metrics, new_states, output_lanes = train_lanes(
+                    context, inputs, lane_clients, num_clients, per_device_chunk
+                )
+                if not stacked:
+                    reduced = jax.lax.psum(reduced, sharding.CLIENT_AXIS)
+                return reduced, metrics, new_states, output_lanes
 
-            if plan.chunk_loop == "unroll":
-                outputs = [per_lane(*chunk_inputs(i)) for i in range(num_chunks)]
-                concat = lambda *xs: jnp.stack(xs)  # noqa: E731
-                metrics = jax.tree.map(concat, *[o[1] for o in outputs])
-                new_states = jax.tree.map(concat, *[o[2] for o in outputs])
-                if stacked:
-                    reduced = jax.tree.map(concat, *[o[0] for o in outputs])
-                else:
-                    partial = [reduce_lanes(o[0]) for o in outputs]
-                    reduced = jax.tree.map(lambda *xs: sum(xs[1:], xs[0]), *partial)
-            else:
-                indices = jnp.arange(num_chunks, dtype=jnp.int32)
-                if stacked:
-                    _, (reduced, metrics, new_states) = jax.lax.scan(
-                        lambda carry, index: (carry, per_lane(*chunk_inputs(index))), (), indices
-                    )
-                else:
-                    shape = jax.eval_shape(lambda: reduce_lanes(per_lane(*chunk_inputs(0))[0]))
-
-                    def body(total, index):
-                        contribution, metrics, states = per_lane(*chunk_inputs(index))
-                        total = jax.tree.map(jnp.add, total, reduce_lanes(contribution))
-                        return total, (metrics, states)
-
-                    reduced, (metrics, new_states) = jax.lax.scan(body, _zeros_like_shapes(shape), indices)
-            # Outputs are [num_chunks, chunk, ...]; row (i, c) is lane chunk_lanes[i, c].
-            flatten = lambda leaf: leaf.reshape(-1, *leaf.shape[2:])  # noqa: E731
-            metrics = jax.tree.map(flatten, metrics)
-            new_states = jax.tree.map(flatten, new_states)
-            if stacked:
-                reduced = jax.tree.map(flatten, reduced)
-            output_lanes = padded_lane_clients[chunk_lanes.reshape(-1)]
+            reduced_spec = lanes_spec if stacked else PartitionSpec()
+            reduced, metrics, new_states, output_lanes = jax.shard_map(
+                device_block,
+                mesh=mesh,
+                in_specs=(PartitionSpec(), lanes_spec, lanes_spec),
+                out_specs=(reduced_spec, lanes_spec, lanes_spec, lanes_spec),
+                # Varying-axis checks off: user custom_vjp rules (and our CPU
+                # matmul's) need not annotate which values vary per device.
+                check_vma=False,
+            )(context, inputs, lane_clients)
 
         # [lanes, per_lane, ...] -> [num_clients, ...] in cohort order.
         positions = output_lanes.reshape(-1)
