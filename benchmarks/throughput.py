@@ -47,7 +47,7 @@ from fedjaxsim.algorithms.fed_avg import fed_sgd_avg  # noqa: E402
 from fedjaxsim.core.engine import ExecutionPlan, build_round, default_plan  # noqa: E402
 from fedjaxsim.core.lowering import conv_lowering  # noqa: E402
 from fedjaxsim.core.packing import PackingConfig, pack_cohort  # noqa: E402
-from fedjaxsim.core.sharding import client_mesh, shard_cohort  # noqa: E402
+from fedjaxsim.core.sharding import client_mesh, replicated, shard_cohort  # noqa: E402
 from fedjaxsim.models import classification_loss, get_model  # noqa: E402
 from fedjaxsim.runner.platform import RECOMMENDED_YNN_FUSION_TYPES, configure_xla_cpu  # noqa: E402
 
@@ -126,6 +126,8 @@ def measure(model_name, cohort, plan_name, plan, rounds, batch, population, limi
         pack_times.append(time.perf_counter() - tic)
         cohorts.append(jax.device_put(packed) if mesh is None else shard_cohort(packed, mesh))
     state = algorithm.init(params)
+    if mesh is not None:  # replicated from the start: the rounds' outputs are, and a
+        state = jax.device_put(state, replicated(mesh))  # placement change would recompile
     # Pass 1 compiles every step bucket these cohorts need; pass 2, over the
     # same cohorts, is the steady state a long run reaches once its handful of
     # shapes are compiled. compile_s is the difference of the two passes.
