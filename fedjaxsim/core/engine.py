@@ -175,9 +175,10 @@ def build_round(algorithm: Algorithm, plan: ExecutionPlan | None = None, mesh=No
       plan: execution plan; :func:`default_plan` when None.
       mesh: optional ``jax.sharding.Mesh`` with a ``"clients"`` axis
         (``fedjaxsim.core.sharding.client_mesh``). Lanes are sharded over it
-        (place cohorts with ``sharding.shard_cohort``), server state is
-        replicated, and the sum of contributions becomes an all-reduce
-        inserted by the compiler. Each chunk spans every device.
+        (place cohorts with ``sharding.shard_cohort``) and server state is
+        replicated. Under ``jax.shard_map`` each device trains its block of
+        lanes as one device would (``clients_per_chunk`` is split between the
+        devices), and one ``psum`` sums the contributions.
 
     Returns:
       ``round_fn(server_state, cohort, rng, client_states=())`` returning

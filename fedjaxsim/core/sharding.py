@@ -1,13 +1,16 @@
 """Client-axis sharding over a device mesh (no pmap).
 
 The cohort's lane axis is placed with ``NamedSharding(mesh, P("clients"))``;
-server state is replicated. The engine sums client contributions over the
-sharded axis with an ordinary ``jnp.sum``/add and lets XLA's SPMD partitioner
-insert the all-reduce: it is the same program on one device or many, there
-is no hand-written collective to get wrong, and the partitioner fuses the
-reduction with the chunk loop. Meshes use ``AxisType.Auto`` (on jax 0.10.2 a
-vmap-of-scan round failed under the Explicit axis types that
-``jax.make_mesh`` defaults to).
+server state is replicated. The engine runs the round's lane work under
+``jax.shard_map``: each device trains its block of lanes with the same code as
+a single device (so a lone lane per device runs unvmapped, with real
+``lax.cond`` skips, and on a CPU host split into one device per core the lanes
+train in parallel), then one ``psum`` over ``"clients"`` sums the
+contributions. An earlier version let XLA's SPMD partitioner insert the
+all-reduce from an ordinary sum; it forced every chunk to span every device,
+which vmapped the lanes of a device even when it held one. Meshes use
+``AxisType.Auto`` (on jax 0.10.2 a vmap-of-scan round failed under the
+Explicit axis types that ``jax.make_mesh`` defaults to).
 """
 
 from __future__ import annotations

@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from fedjaxsim.runner.platform import configure_xla_cpu
+from fedjaxsim.runner.platform import configure_xla_cpu, default_host_device_count
 
 USAGE = """usage: fedjaxsim run [--config FILE.yaml] [--resume] [--quiet] [--KEY VALUE ...]
        fedjaxsim plot DIR [DIR ...] --output FILE.png
@@ -64,7 +64,7 @@ def _plot(argv: list[str]) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    configure_xla_cpu()
+    configure_xla_cpu(host_devices=default_host_device_count(), warn_if_late=False)
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help"):
         print(USAGE, file=sys.stdout if argv else sys.stderr)

@@ -178,8 +178,11 @@ class ExecutionConfig:
     """How convolutions are lowered (patches: slices plus one matmul)."""
     num_devices: int = 1
     """Shard the cohort's lanes over this many local devices (a "clients" mesh);
-    server state is replicated. On CPU, more than one needs
-    XLA_FLAGS=--xla_force_host_platform_device_count=N."""
+    server state is replicated, and the CPU plan then trains one lane per
+    device, in parallel. `fedjaxsim run` splits a CPU host into one XLA device
+    per core (up to 8; XLA_FLAGS=--xla_force_host_platform_device_count=N
+    overrides). Measured on 2 cores: 2 devices train EMNIST-size clients of the
+    logreg and dense models 1.6-1.9x faster, the tiny digits rounds slower."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -680,6 +683,8 @@ def resolve(config: ExperimentConfig, backend: str | None = None) -> ExperimentC
     execution = config.execution
     if execution.num_lanes is None:
         lanes = "per_client" if plan.num_lanes is None else plan.num_lanes
+        if plan.num_lanes == 1 and execution.num_devices > 1:
+            lanes = execution.num_devices  # one lane per device (the CPU plan, in parallel)
         execution = dataclasses.replace(execution, num_lanes=lanes)
     execution = dataclasses.replace(
         execution,

@@ -65,3 +65,23 @@ def test_more_devices_than_present_is_a_config_error(tmp_path):
     assert result.returncode == 2
     assert "execution.num_devices" in result.stderr and "xla_force_host_platform_device_count" in result.stderr
     assert not (tmp_path / "out").exists()
+
+
+def test_cli_splits_the_host_into_one_device_per_core_and_one_lane_per_device(tmp_path):
+    """Without XLA_FLAGS, `fedjaxsim run` makes one XLA:CPU device per core, so
+    --execution.num-devices 2 works out of the box; the CPU plan's one lane
+    becomes one lane per device."""
+    from fedjaxsim.runner.platform import default_host_device_count
+
+    config = tmp_path / "tiny.yaml"
+    config.write_text(TINY_YAML)
+    environment = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "FEDJAXSIM_FAULT")}
+    command = [sys.executable, "-m", "fedjaxsim.runner.cli", "run", "--config", str(config),
+               "--output-dir", str(tmp_path / "out"), "--execution.num-devices", "2", "--training.rounds", "2"]
+    result = subprocess.run(command, capture_output=True, text=True, env=environment, cwd=ROOT, timeout=600)
+    if default_host_device_count() < 2:
+        assert result.returncode == 2 and "execution.num_devices" in result.stderr
+        return
+    assert result.returncode == 0, result.stderr[-2000:]
+    resolved = (tmp_path / "out" / "config.yaml").read_text()
+    assert "num_lanes: 2" in resolved and "num_devices: 2" in resolved
