@@ -150,6 +150,20 @@ def _sum_leading(leaf):
     return jnp.sum(leaf, axis=0)
 
 
+def client_scatter(output_lanes, num_clients: int):
+    """Returns ``scatter(leaf)``: ``[lanes, per_lane, ...]`` outputs to
+    ``[num_clients, ...]`` in cohort order (``output_lanes`` holds each
+    position's cohort index, ``num_clients`` where unoccupied: dropped)."""
+    positions = output_lanes.reshape(-1)
+
+    def scatter(leaf):
+        leaf = leaf.reshape(-1, *leaf.shape[2:])
+        out = jnp.zeros((num_clients, *leaf.shape[1:]), leaf.dtype)
+        return out.at[positions].set(leaf, mode="drop")
+
+    return scatter
+
+
 def lanes_by_steps(mask, num_chunks: int):
     """Groups lanes into ``num_chunks`` equal chunks by their number of real
     steps, longest first (ties in lane order): chunk i holds the lanes ranked
@@ -502,33 +516,31 @@ def build_round(algorithm: Algorithm, plan: ExecutionPlan | None = None, mesh=No
                 reduced, metrics, new_states, output_lanes = train_lanes(
                     context, inputs, lane_clients, num_clients, per_device_chunk
                 )
-                if not stacked:
-                    reduced = jax.lax.psum(reduced, sharding.CLIENT_AXIS)
-                return reduced, metrics, new_states, output_lanes
+                # Each device writes its own clients into [num_clients] rows
+                # (zeros elsewhere), so one psum of everything, added to zeros,
+                # gives every client's exact outputs: a single collective.
+                scatter = client_scatter(output_lanes, num_clients)
+                per_client = (jax.tree.map(scatter, metrics), jax.tree.map(scatter, new_states))
+                if stacked:
+                    reduced = jax.tree.map(scatter, reduced)
+                return jax.lax.psum((reduced, per_client), sharding.CLIENT_AXIS)
 
-            reduced_spec = lanes_spec if stacked else PartitionSpec()
-            reduced, metrics, new_states, output_lanes = jax.shard_map(
+            reduced, (metrics, new_states) = jax.shard_map(
                 device_block,
                 mesh=mesh,
                 in_specs=(PartitionSpec(), lanes_spec, lanes_spec),
-                out_specs=(reduced_spec, lanes_spec, lanes_spec, lanes_spec),
+                out_specs=PartitionSpec(),
                 # Varying-axis checks off: user custom_vjp rules (and our CPU
                 # matmul's) need not annotate which values vary per device.
                 check_vma=False,
             )(context, inputs, lane_clients)
 
-        # [lanes, per_lane, ...] -> [num_clients, ...] in cohort order.
-        positions = output_lanes.reshape(-1)
-
-        def scatter(leaf):
-            leaf = leaf.reshape(-1, *leaf.shape[2:])
-            out = jnp.zeros((num_clients, *leaf.shape[1:]), leaf.dtype)
-            return out.at[positions].set(leaf, mode="drop")
-
-        metrics = jax.tree.map(scatter, metrics)
-        new_states = jax.tree.map(scatter, new_states)
-        if stacked:
-            reduced = jax.tree.map(scatter, reduced)
+        if mesh is None:  # [lanes, per_lane, ...] -> [num_clients, ...] in cohort order
+            scatter = client_scatter(output_lanes, num_clients)
+            metrics = jax.tree.map(scatter, metrics)
+            new_states = jax.tree.map(scatter, new_states)
+            if stacked:
+                reduced = jax.tree.map(scatter, reduced)
         new_server_state, server_metrics = algorithm.server_update(server_state, reduced, server_rng)
         if mesh is not None:
             new_server_state = constrain(new_server_state, everywhere)
