@@ -240,19 +240,16 @@ def main(argv=None):
     parser.add_argument("--out", default=None, help="also append the JSON lines to this file")
     args = parser.parse_args(argv)
     started = time.perf_counter()
-    out = open(args.out, "a") if args.out else None
 
     def emit(row):
         print(json.dumps(row), flush=True)
-        if out:
-            out.write(json.dumps(row) + "\n")
-            out.flush()
+        if args.out:  # appended line by line: a killed run keeps what it measured
+            with open(args.out, "a", encoding="utf-8") as out:
+                out.write(json.dumps(row) + "\n")
 
     cache = ClientCache()
     for model_name in args.models.split(","):
         run_model(model_name, args, started, emit, cache)
-    if out:
-        out.close()
 
 
 if __name__ == "__main__":

@@ -211,15 +211,8 @@ def build_round(algorithm: Algorithm, plan: ExecutionPlan | None = None, mesh=No
         from fedjaxsim.core import sharding
 
         num_devices = sharding.mesh_size(mesh)
-        on_lanes = sharding.lane_sharding(mesh)
-        everywhere = sharding.replicated(mesh)
     else:
         num_devices = 1
-
-    def constrain(tree, target):
-        if mesh is None:
-            return tree
-        return jax.tree.map(lambda leaf: jax.lax.with_sharding_constraint(leaf, target), tree)
 
     def local_training_step(local, sums, batch, step_mask, step_rng, client_step=algorithm.client_step):
         """One local step; an all-padding step changes nothing at all.
@@ -543,7 +536,10 @@ def build_round(algorithm: Algorithm, plan: ExecutionPlan | None = None, mesh=No
                 reduced = jax.tree.map(scatter, reduced)
         new_server_state, server_metrics = algorithm.server_update(server_state, reduced, server_rng)
         if mesh is not None:
-            new_server_state = constrain(new_server_state, everywhere)
+            everywhere = sharding.replicated(mesh)
+            new_server_state = jax.tree.map(
+                lambda leaf: jax.lax.with_sharding_constraint(leaf, everywhere), new_server_state
+            )
         return new_server_state, RoundOutput(metrics, server_metrics, new_states)
 
     return jax.jit(round_fn)

@@ -28,11 +28,11 @@ import numpy as np
 
 from fedjaxsim.core.client_state import ClientStateStore
 from fedjaxsim.core.engine import build_round
-from fedjaxsim.core.sharding import client_mesh, replicated, shard_cohort
 from fedjaxsim.core.evaluation import batch_for_eval, build_classification_eval
 from fedjaxsim.core.lowering import conv_lowering
 from fedjaxsim.core.packing import pack_cohort
 from fedjaxsim.core.sampling import sample_uniform
+from fedjaxsim.core.sharding import client_mesh, replicated, shard_cohort
 from fedjaxsim.models import classification_loss, get_model
 from fedjaxsim.runner import faults
 from fedjaxsim.runner.checkpoints import FORMAT_VERSION, RunCheckpointer
@@ -52,8 +52,8 @@ from fedjaxsim.runner.config import (
     flatten,
     resolve,
 )
-from fedjaxsim.runner.prefetch import prefetch_rounds
 from fedjaxsim.runner.evaluation import build_per_client_eval, pack_eval_clients, per_client_record
+from fedjaxsim.runner.prefetch import prefetch_rounds
 from fedjaxsim.runner.writers import (
     MetricsWriter,
     ProgressBar,
