@@ -6,19 +6,26 @@ pixels, 62 labels); FedAvg with 1 local epoch, batch 20, client SGD lr 0.1,
 server SGD lr 1.0. For each model, cohort and execution plan it prints one
 JSON line:
 
-  sec_per_round         median wall time of a steady-state round (second
-                        pass over the same cohorts; packing runs beforehand,
-                        see pack_s)
-  examples_per_s        real (unpadded) examples trained per second
+  sec_per_round         wall time of a round in the steady pass that gave
+                        examples_per_s: rounds are dispatched back to back
+                        (round r+1 queued while round r runs) and the pass
+                        waits once at its end, as the limit's steps do;
+                        packing runs beforehand, see pack_s
+  examples_per_s        real (unpadded) examples trained per second in a
+                        steady pass over the same cohorts: the median of
+                        --repeats passes (each listed in
+                        examples_per_s_repeats)
   compile_s             time of a first pass over the cohorts (compiling every
-                        step bucket they need) minus the steady second pass
+                        step bucket they need) minus a median steady pass
   pack_s                median host packing time per round
   limit_examples_per_s  plain centralized training of the same model on the
                         same device in the same run: a jitted SGD step over
                         batches of `batch` and of `cohort x batch` examples,
                         whichever is faster. A federated round cannot beat
-                        shared-weight training, so this is the ceiling.
-  ratio_to_limit        examples_per_s / limit_examples_per_s
+                        shared-weight training, so this is the ceiling. It is
+                        sampled before each repeat's steady passes, so the
+                        two see the same machine load; the median is given.
+  ratio_to_limit        examples_per_s / limit_examples_per_s (medians)
 
 Usage:
   python benchmarks/throughput.py --model all --cohort 10 --rounds 10
@@ -28,6 +35,7 @@ Usage:
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import statistics
@@ -38,7 +46,6 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from emnist_lookalike import NUM_CLASSES, EmnistLookalike  # noqa: E402
@@ -52,12 +59,15 @@ from fedjaxsim.models import classification_loss, get_model  # noqa: E402
 from fedjaxsim.runner.platform import RECOMMENDED_YNN_FUSION_TYPES, configure_xla_cpu  # noqa: E402
 
 
-def named_plans(names: list[str], model: str) -> dict[str, ExecutionPlan]:
-    """Execution plans by short name; "default" is fedjaxsim's default_plan()."""
+def named_plans(names: list[str], num_devices: int = 1) -> dict[str, ExecutionPlan]:
+    """Execution plans by short name; "default" is fedjaxsim's default_plan()
+    (on several devices the runner's rule: a one-lane plan gets a lane per device)."""
     base = default_plan()
     plans = {}
     for name in names:
         if name == "default":
+            if base.num_lanes == 1 and num_devices > 1:
+                base = dataclasses.replace(base, num_lanes=num_devices)
             plans[name] = base
         elif name == "vmap":  # one client per lane, whole cohort in one vmap
             plans[name] = ExecutionPlan(conv_lowering=base.conv_lowering)
@@ -73,101 +83,159 @@ def named_plans(names: list[str], model: str) -> dict[str, ExecutionPlan]:
     return plans
 
 
-def centralized_limit(model_name: str, batch: int, cohort: int, repeats: int = 30) -> float:
-    """Examples/s of plain jitted SGD on one shared model (the ceiling)."""
-    model = get_model(model_name, NUM_CLASSES)
-    params = model.init(jax.random.key(0), jnp.zeros((1, 28, 28, 1)))
-    loss_fn = classification_loss(model)
-    rng = np.random.default_rng(0)
-    lowerings = ("lax", "patches") if model_name == "cnn" else ("patches",)
-    best = 0.0
-    for lowering in lowerings:
-        for size in sorted({batch, batch * cohort}):
-            steps = max(3, min(repeats, (repeats * batch * 4) // size))
-            batches = [
-                {
-                    "x": jnp.asarray(rng.random((size, 28, 28, 1), dtype=np.float32)),
-                    "y": jnp.asarray(rng.integers(0, NUM_CLASSES, size).astype(np.int32)),
-                }
-                for _ in range(steps)
-            ]
+class CentralizedLimit:
+    """Plain jitted SGD on one shared model (the ceiling), ready to sample.
 
-            def step(params, batch_data, key):
-                with conv_lowering(lowering):
-                    grads = jax.grad(lambda p: loss_fn(p, batch_data, key).mean())(params)
-                return jax.tree.map(lambda p, g: p - 0.1 * g, params, grads)
+    Candidates: batches of ``batch`` and of ``cohort x batch`` examples, and
+    for the CNN both convolution lowerings; each is compiled once here.
+    ``sample()`` times every candidate for at least ``min_seconds`` and
+    returns the best examples/s.
+    """
 
-            jitted = jax.jit(step)
-            key = jax.random.key(1)
-            current = jax.block_until_ready(jitted(params, batches[0], key))
+    def __init__(self, model_name: str, batch: int, cohort: int, min_seconds: float = 0.3):
+        model = get_model(model_name, NUM_CLASSES)
+        self.params = model.init(jax.random.key(0), jnp.zeros((1, 28, 28, 1)))
+        loss_fn = classification_loss(model)
+        rng = np.random.default_rng(0)
+        self.min_seconds = min_seconds
+        self.candidates = []
+        lowerings = ("lax", "patches") if model_name == "cnn" else ("patches",)
+        for lowering in lowerings:
+            for size in sorted({batch, batch * cohort}):
+                steps = max(3, min(30, (30 * batch * 4) // size))
+                batches = [
+                    {
+                        "x": jnp.asarray(rng.random((size, 28, 28, 1), dtype=np.float32)),
+                        "y": jnp.asarray(rng.integers(0, NUM_CLASSES, size).astype(np.int32)),
+                    }
+                    for _ in range(steps)
+                ]
+
+                def step(params, batch_data, key, lowering=lowering):
+                    with conv_lowering(lowering):
+                        grads = jax.grad(lambda p: loss_fn(p, batch_data, key).mean())(params)
+                    return jax.tree.map(lambda p, g: p - 0.1 * g, params, grads)
+
+                jitted = jax.jit(step)
+                jax.block_until_ready(jitted(self.params, batches[0], jax.random.key(1)))
+                self.candidates.append((jitted, batches, size))
+
+    def sample(self) -> float:
+        best = 0.0
+        key = jax.random.key(1)
+        for jitted, batches, size in self.candidates:
+            current, trained = self.params, 0
             tic = time.perf_counter()
-            for batch_data in batches:
-                current = jitted(current, batch_data, key)
-            jax.block_until_ready(current)
-            best = max(best, steps * size / (time.perf_counter() - tic))
-    return best
+            while True:
+                for batch_data in batches:
+                    current = jitted(current, batch_data, key)
+                trained += len(batches) * size
+                jax.block_until_ready(current)
+                elapsed = time.perf_counter() - tic
+                if elapsed >= self.min_seconds:
+                    break
+            best = max(best, trained / elapsed)
+        return best
 
 
-def measure(model_name, cohort, plan_name, plan, rounds, batch, population, limit, step_bucket, mesh=None):
-    model = get_model(model_name, NUM_CLASSES)
-    params = model.init(jax.random.key(0), jnp.zeros((1, 28, 28, 1)))
-    algorithm = fed_sgd_avg(classification_loss(model), client_learning_rate=0.1, server_learning_rate=1.0)
-    round_fn = build_round(algorithm, plan, mesh=mesh)
-    packing = PackingConfig(batch_size=batch, num_epochs=1, step_bucket=step_bucket)
-    cohorts, pack_times = [], []
-    for round_index in range(rounds):
-        ids = population.cohort_ids(round_index, cohort)
-        clients = [dict(zip(("x", "y"), population.client(int(i)))) for i in ids]
+class FederatedRun:
+    """One model, cohort and plan: rounds packed and compiled, ready to time.
+
+    The constructor packs ``rounds`` cohorts and runs a first pass over them,
+    compiling every step bucket they need; ``steady_pass()`` times another
+    pass over the same cohorts (the steady state a long run reaches once its
+    handful of shapes are compiled).
+    """
+
+    def __init__(self, model_name, cohort, plan, rounds, batch, population, step_bucket, mesh=None):
+        model = get_model(model_name, NUM_CLASSES)
+        params = model.init(jax.random.key(0), jnp.zeros((1, 28, 28, 1)))
+        algorithm = fed_sgd_avg(classification_loss(model), client_learning_rate=0.1, server_learning_rate=1.0)
+        self.round_fn = build_round(algorithm, plan, mesh=mesh)
+        packing = PackingConfig(batch_size=batch, num_epochs=1, step_bucket=step_bucket)
+        self.cohorts, self.pack_times = [], []
+        for round_index in range(rounds):
+            ids = population.cohort_ids(round_index, cohort)
+            clients = [dict(zip(("x", "y"), population.client(int(i)))) for i in ids]
+            tic = time.perf_counter()
+            packed = pack_cohort(
+                clients, ids, packing, seed=0, round_index=round_index,
+                num_total_clients=population.num_clients, num_lanes=plan.num_lanes,
+            )
+            self.pack_times.append(time.perf_counter() - tic)
+            self.cohorts.append(jax.device_put(packed) if mesh is None else shard_cohort(packed, mesh))
+        self.state = algorithm.init(params)
+        if mesh is not None:  # replicated from the start: the rounds' outputs are, and a
+            self.state = jax.device_put(self.state, replicated(mesh))  # placement change would recompile
+        self.examples = sum(int(np.asarray(packed.mask).sum()) for packed in self.cohorts)
+        self.compile_pass = self._pass()
+
+    def _pass(self) -> float:
+        """Seconds for one pass over the cohorts. Rounds are dispatched back
+        to back and the pass waits once at the end, as the limit's steps do:
+        round r+1 is queued while round r runs, as in any loop that does not
+        read a round's outputs before starting the next."""
         tic = time.perf_counter()
-        packed = pack_cohort(
-            clients, ids, packing, seed=0, round_index=round_index,
-            num_total_clients=population.num_clients, num_lanes=plan.num_lanes,
-        )
-        pack_times.append(time.perf_counter() - tic)
-        cohorts.append(jax.device_put(packed) if mesh is None else shard_cohort(packed, mesh))
-    state = algorithm.init(params)
-    if mesh is not None:  # replicated from the start: the rounds' outputs are, and a
-        state = jax.device_put(state, replicated(mesh))  # placement change would recompile
-    # Pass 1 compiles every step bucket these cohorts need; pass 2, over the
-    # same cohorts, is the steady state a long run reaches once its handful of
-    # shapes are compiled. compile_s is the difference of the two passes.
-    passes = []
-    for _ in range(2):
-        times = []
-        for round_index, packed in enumerate(cohorts):
-            tic = time.perf_counter()
-            state, out = round_fn(state, packed, jax.random.key(round_index))
-            jax.block_until_ready(state.params)
-            times.append(time.perf_counter() - tic)
-        passes.append(times)
-    compile_pass, steady = passes
-    examples = [int(np.asarray(packed.mask).sum()) for packed in cohorts]
-    median = statistics.median(steady)
-    examples_per_s = sum(examples) / sum(steady)
-    num_shapes = len({np.shape(packed.mask) for packed in cohorts})
-    return {
-        "model": model_name,
-        "cohort": cohort,
-        "batch": batch,
-        "plan": plan_name,
-        "num_lanes": plan.num_lanes,
-        "clients_per_chunk": plan.clients_per_chunk,
-        "conv_lowering": plan.conv_lowering,
-        "rounds": rounds,
-        "step_bucket": step_bucket,
-        "sec_per_round": round(median, 5),
-        "examples_per_s": round(examples_per_s, 1),
-        "compile_s": round(sum(compile_pass) - sum(steady), 3),
-        "compiled_shapes": num_shapes,
-        "pack_s": round(statistics.median(pack_times), 5),
-        "limit_examples_per_s": round(limit, 1),
-        "ratio_to_limit": round(examples_per_s / limit, 3),
-        "padded_step_fraction": round(1 - sum(examples) / sum(int(np.asarray(c.mask).size) for c in cohorts), 3),
-        "device": str(jax.devices()[0].device_kind),
-        "num_devices": 1 if mesh is None else mesh.size,
-        "xla_flags": os.environ.get("XLA_FLAGS", ""),
-        "jax_version": jax.__version__,
+        for round_index, packed in enumerate(self.cohorts):
+            self.state, _ = self.round_fn(self.state, packed, jax.random.key(round_index))
+        jax.block_until_ready(self.state.params)
+        return time.perf_counter() - tic
+
+    def steady_pass(self) -> float:
+        return self._pass()
+
+
+def measure(model_name, cohort, plans, rounds, batch, population, step_bucket, mesh, repeats):
+    """Times every plan and the centralized limit, interleaved ``repeats`` times.
+
+    Each repeat samples the limit and then one steady pass of every plan, so
+    the engine and its ceiling see the same machine load; the figures are
+    medians over repeats and the ratio is a ratio of medians.
+    """
+    limit = CentralizedLimit(model_name, batch, cohort)
+    runs = {
+        name: FederatedRun(model_name, cohort, plan, rounds, batch, population, step_bucket, mesh)
+        for name, plan in plans.items()
     }
+    limit_samples, passes = [], {name: [] for name in runs}
+    for _ in range(repeats):
+        limit_samples.append(limit.sample())
+        for name, run in runs.items():
+            passes[name].append(run.steady_pass())
+    limit_median = statistics.median_low(limit_samples)
+    records = []
+    for name, run in runs.items():
+        plan = plans[name]
+        rates = [run.examples / seconds for seconds in passes[name]]
+        rate = statistics.median_low(rates)
+        masks = [np.asarray(packed.mask) for packed in run.cohorts]
+        records.append({
+            "model": model_name,
+            "cohort": cohort,
+            "batch": batch,
+            "plan": name,
+            "num_lanes": plan.num_lanes,
+            "clients_per_chunk": plan.clients_per_chunk,
+            "conv_lowering": plan.conv_lowering,
+            "rounds": rounds,
+            "repeats": repeats,
+            "step_bucket": step_bucket,
+            "sec_per_round": round(run.examples / rate / rounds, 5),
+            "examples_per_s": round(rate, 1),
+            "examples_per_s_repeats": [round(r, 1) for r in rates],
+            "compile_s": round(run.compile_pass - statistics.median(passes[name]), 3),
+            "compiled_shapes": len({mask.shape for mask in masks}),
+            "pack_s": round(statistics.median(run.pack_times), 5),
+            "limit_examples_per_s": round(limit_median, 1),
+            "limit_examples_per_s_repeats": [round(r, 1) for r in limit_samples],
+            "ratio_to_limit": round(rate / limit_median, 3),
+            "padded_step_fraction": round(1 - run.examples / sum(mask.size for mask in masks), 3),
+            "device": str(jax.devices()[0].device_kind),
+            "num_devices": 1 if mesh is None else mesh.size,
+            "xla_flags": os.environ.get("XLA_FLAGS", ""),
+            "jax_version": jax.__version__,
+        })
+    return records
 
 
 def main(argv=None):
@@ -179,6 +247,8 @@ def main(argv=None):
     parser.add_argument("--plans", default="default", help="comma-separated: default, vmap, lanesN, lanesNuK, lax")
     parser.add_argument("--host-devices", type=int, default=None,
                         help="shard over N forced XLA:CPU host devices (a clients mesh)")
+    parser.add_argument("--repeats", type=int, default=3,
+                        help="interleaved samples of the limit and of every plan (medians are reported)")
     parser.add_argument("--step-bucket", default="geometric", help="pow2, geometric, exact or an int")
     parser.add_argument("--output", default=None, help="also append the JSON lines to this file")
     parser.add_argument(
@@ -199,12 +269,12 @@ def main(argv=None):
     for model_name in models:
         rounds = args.rounds or {"cnn": 4, "dense": 15, "logreg": 30}[model_name]
         for cohort in [int(c) for c in args.cohort.split(",")]:
-            limit = centralized_limit(model_name, args.batch, cohort)
-            for plan_name, plan in named_plans(args.plans.split(","), model_name).items():
-                bucket = int(args.step_bucket) if args.step_bucket.isdigit() else args.step_bucket
-                record = measure(
-                    model_name, cohort, plan_name, plan, rounds, args.batch, population, limit, bucket, mesh
-                )
+            plans = named_plans(args.plans.split(","), 1 if mesh is None else mesh.size)
+            bucket = int(args.step_bucket) if args.step_bucket.isdigit() else args.step_bucket
+            records = measure(
+                model_name, cohort, plans, rounds, args.batch, population, bucket, mesh, args.repeats
+            )
+            for record in records:
                 line = json.dumps(record)
                 print(line, flush=True)
                 if args.output:
