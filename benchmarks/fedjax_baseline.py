@@ -24,15 +24,18 @@ Setup, the same for every model:
 
 What is timed: for every round the client datasets (``fedjax.ClientDataset``
 with features ``'x'``: float32[n, 28, 28, 1] and ``'y'``: int32[n]) and the
-per-client PRNG keys are built first, untimed. The timer then covers one call
+per-client PRNG keys are built first, untimed. The timer then covers the calls
 of the algorithm's ``apply`` (which includes FedJAX's own shuffling and batching,
-every client's local training, the weighted averaging and the server update)
-and ends with ``jax.block_until_ready`` on the new server parameters.
+every client's local training, the weighted averaging and the server update),
+made back to back, and ends with ``jax.block_until_ready`` on the last server
+parameters: the way fedjaxsim's ``throughput.py`` times its rounds and the
+centralized limit. ``--per-round`` waits after every round instead.
 
 ``--warmup`` rounds run untimed first; the first of them includes compilation.
 Each model prints one JSON line on stdout:
 
-* ``sec_per_round``: median wall time of the timed rounds;
+* ``sec_per_round``: timed seconds / rounds (with ``--per-round``: the median
+  round);
 * ``examples_per_s``: real examples of the timed rounds (the sum of the sampled
   clients' sizes, not counting the filler examples FedJAX adds to complete
   the last batch) divided by the total timed seconds;
@@ -132,7 +135,7 @@ def device_string() -> str:
 
 
 def run_model(model_name: str, cohort: int, rounds: int, warmup: int,
-              seed: int, verbose: bool = False) -> dict:
+              seed: int, verbose: bool = False, pipelined: bool = True) -> dict:
     """Runs warm-up and timed FedAvg rounds for one model; returns the record."""
     model = MODEL_FACTORIES[model_name](only_digits=False)
     algorithm = fed_avg.federated_averaging(
@@ -151,19 +154,37 @@ def run_model(model_name: str, cohort: int, rounds: int, warmup: int,
     first_round_s = first_round_examples = None
     round_seconds = []
     timed_examples = 0
-    for round_index in range(warmup + rounds):
+    for round_index in range(warmup):
         clients, num_examples = make_round_clients(population, round_index,
                                                    cohort, client_rng)
         start = time.perf_counter()
         server_state, _ = algorithm.apply(server_state, clients)
         jax.block_until_ready(server_state.params)
         elapsed = time.perf_counter() - start
-        if verbose:
-            print(f"{model_name} round {round_index}: {num_examples} examples "
-                  f"in {elapsed:.4f} s", file=sys.stderr, flush=True)
         if round_index == 0:
             first_round_s, first_round_examples = elapsed, num_examples
-        if round_index >= warmup:
+    timed_rounds = [
+        make_round_clients(population, round_index, cohort, client_rng)
+        for round_index in range(warmup, warmup + rounds)
+    ]
+    if pipelined:
+        # Rounds back to back, one wait at the end (as fedjaxsim's benchmark
+        # times its own rounds and the centralized limit).
+        start = time.perf_counter()
+        for clients, num_examples in timed_rounds:
+            server_state, _ = algorithm.apply(server_state, clients)
+            timed_examples += num_examples
+        jax.block_until_ready(server_state.params)
+        round_seconds = [(time.perf_counter() - start) / rounds] * rounds
+    else:
+        for round_index, (clients, num_examples) in enumerate(timed_rounds):
+            start = time.perf_counter()
+            server_state, _ = algorithm.apply(server_state, clients)
+            jax.block_until_ready(server_state.params)
+            elapsed = time.perf_counter() - start
+            if verbose:
+                print(f"{model_name} round {warmup + round_index}: {num_examples} "
+                      f"examples in {elapsed:.4f} s", file=sys.stderr, flush=True)
             round_seconds.append(elapsed)
             timed_examples += num_examples
 
@@ -180,6 +201,7 @@ def run_model(model_name: str, cohort: int, rounds: int, warmup: int,
         "compile_s": round(first_round_s - sec_per_round, 3),
         "compile_s_size_adjusted": round(
             first_round_s - first_round_examples * sec_per_example, 3),
+        "timing": "pipelined" if pipelined else "per-round",
         "jax_version": jax.__version__,
         "device": device_string(),
     }
@@ -196,6 +218,9 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=2,
                         help="untimed rounds first; the first one compiles")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--per-round", action="store_true",
+                        help="wait for every round and report the median round "
+                             "(default: rounds back to back, one wait at the end)")
     parser.add_argument("--verbose", action="store_true",
                         help="print every round's time to stderr")
     args = parser.parse_args()
@@ -208,7 +233,7 @@ def main() -> None:
     for name in names:
         rounds = args.rounds or default_rounds(name, args.cohort)
         record = run_model(name, args.cohort, rounds, args.warmup, args.seed,
-                           args.verbose)
+                           args.verbose, pipelined=not args.per_round)
         print(json.dumps(record), flush=True)
 
 
