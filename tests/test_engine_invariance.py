@@ -205,3 +205,62 @@ def test_malformed_cohort_is_rejected(algorithm, logreg_params):
 def test_invalid_plan_raises(kwargs, message):
     with pytest.raises(ValueError, match=message):
         ExecutionPlan(**kwargs)
+
+
+def _with_interior_and_tail_padding(cohort, extra_weight):
+    """A one-lane cohort with an all-padding step inserted inside the second
+    client's steps and an extra client whose two steps are all padding, at the
+    lane's tail (shapes pack_cohort never makes, but a hand-built cohort may)."""
+    positions = np.asarray(cohort.step_position[0])
+    inside = int(np.flatnonzero(positions == 1)[1])  # between client 1's first two steps
+
+    def insert(array, at, value):
+        return np.insert(np.asarray(array), at, value, axis=1)
+
+    data = {name: insert(leaf, inside, 0) for name, leaf in cohort.data.items()}
+    mask = insert(cohort.mask, inside, False)
+    step_position = insert(cohort.step_position, inside, 1)
+    num_clients = cohort.num_clients
+    tail = lambda array, value: np.concatenate(  # noqa: E731
+        [array, np.full((1, 2, *np.shape(array)[2:]), value, np.asarray(array).dtype)], axis=1
+    )
+    return Cohort(
+        data={name: tail(leaf, 0) for name, leaf in data.items()},
+        mask=tail(mask, False),
+        step_position=tail(step_position, num_clients),
+        lane_clients=np.concatenate([np.asarray(cohort.lane_clients), [[num_clients]]], axis=1),
+        weight=np.append(np.asarray(cohort.weight), np.float32(extra_weight)),
+        client_id=np.append(np.asarray(cohort.client_id), np.int32(29)),
+    )
+
+
+def test_lone_lane_with_interior_and_tail_padding_matches_the_scan_path(logreg_loss, logreg_params):
+    """A lone lane stops at its last needed step and guards padding with a
+    select; the scan path runs every step under lax.cond. Both must agree on a
+    cohort with padding inside a client and a client made only of padding, and
+    that client must count as a zero update of its weight."""
+    algorithm = fed_avg(logreg_loss, optax.adam(0.01), optax.sgd(1.0))
+    packed = _pack(num_lanes=1, step_bucket="exact")
+    extra_weight = 7.0
+    modified = _with_interior_and_tail_padding(packed, extra_weight)
+    lone, lone_out = _run(algorithm, logreg_params, modified, ExecutionPlan(num_lanes=1), rounds=1)
+    scanned, scanned_out = _run(
+        algorithm, logreg_params, modified, ExecutionPlan(num_lanes=1, scan_unroll=2), rounds=1
+    )
+    _assert_trees(lone, scanned, atol=1e-7)
+    _assert_trees(lone_out.client_metrics, scanned_out.client_metrics, atol=1e-6)
+    assert float(lone_out.client_metrics["num_examples"][-1]) == 0.0
+    assert float(lone_out.client_metrics["update_norm"][-1]) == 0.0
+    # Server SGD(1): the step is the weighted mean of deltas; the padding-only
+    # client adds its weight and a zero delta, and the interior padding step
+    # changes nothing, so the step shrinks by W / (W + w) exactly.
+    original, original_out = _run(algorithm, logreg_params, packed, ExecutionPlan(num_lanes=1), rounds=1)
+    np.testing.assert_array_equal(
+        np.asarray(original_out.client_metrics["loss_sum"]), np.asarray(lone_out.client_metrics["loss_sum"][:-1])
+    )
+    total = float(np.sum(packed.weight))
+    for start, before, after in zip(
+        jax.tree.leaves(logreg_params), jax.tree.leaves(original.params), jax.tree.leaves(lone.params)
+    ):
+        expected = np.asarray(start) - (np.asarray(start) - np.asarray(before)) * total / (total + extra_weight)
+        np.testing.assert_allclose(np.asarray(after), expected, atol=1e-6, rtol=1e-5)
