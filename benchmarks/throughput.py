@@ -236,6 +236,10 @@ def measure(model_name, cohort, plans, rounds, batch, population, step_bucket, m
             "limit_examples_per_s_repeats": [round(r, 1) for r in limit_samples],
             "limit_batch": limit_batch,
             "limit_conv_lowering": limit_lowering,
+            "limit_candidates": {
+                f"{candidate[3]}@{candidate[2]}": round(statistics.median_low(samples), 1)
+                for candidate, samples in zip(limit.candidates, per_candidate)
+            },
             "ratio_to_limit": round(rate / limit_median, 3),
             "padded_step_fraction": round(1 - run.examples / sum(mask.size for mask in masks), 3),
             "device": str(jax.devices()[0].device_kind),

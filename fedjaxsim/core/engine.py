@@ -8,9 +8,10 @@
 Inside it, every client of the cohort trains under ``jax.vmap``; clients are
 processed ``clients_per_chunk`` at a time (a ``lax.scan`` over chunks by
 default), so device memory is bounded by one chunk whatever the cohort size.
-Local steps run under ``lax.scan``; a step whose mask is all padding leaves
-the local state (params and optimizer state) exactly unchanged via
-``jnp.where``. Contributions of the clients are reduced over the client axis
+Local steps run under ``lax.scan`` (a lone, unvmapped lane: a
+``lax.fori_loop`` that stops at its last real step); a step whose mask is all
+padding leaves the local state (params and optimizer state) exactly unchanged
+(``lax.cond`` or ``jnp.where``). Contributions of the clients are reduced over the client axis
 (a running sum across chunks, or a stack for order-statistic aggregators),
 and the server update runs in the same jit.
 """
@@ -99,8 +100,9 @@ def default_plan(backend: str | None = None) -> ExecutionPlan:
     """Per-backend defaults, chosen by ``benchmarks/throughput.py`` (RESULTS.md).
 
     CPU: the whole cohort in one lane, clients one after another in a single
-    ``lax.scan`` with no padding steps between them, and convolutions as
-    patches. On 2 cores this beat one-lane-per-client vmap for every model
+    loop with no padding steps between them (the loop stops at the last real
+    step), and convolutions as patches; on a mesh of host devices, one such
+    lane per device. On 2 cores this beat one-lane-per-client vmap for every model
     (ragged clients leave vmapped lanes idling through padding steps, and
     XLA:CPU runs vmapped per-client convolutions as slow grouped ones).
     GPU/TPU: one client per lane, 128 lanes per vmap chunk, chunks grouped by

@@ -182,7 +182,7 @@ class ExecutionConfig:
     device, in parallel. `fedjaxsim run` splits a CPU host into one XLA device
     per core (up to 8; XLA_FLAGS=--xla_force_host_platform_device_count=N
     overrides). Measured on 2 cores: 2 devices train EMNIST-size clients of the
-    logreg and dense models 1.6-1.9x faster, the tiny digits rounds slower."""
+    logreg and dense models 1.4-1.9x faster, the tiny digits rounds slower."""
 
 
 @dataclasses.dataclass(frozen=True)

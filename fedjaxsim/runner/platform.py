@@ -27,7 +27,7 @@ def default_host_device_count(limit: int = 8) -> int:
     The CLI splits the host this way so that ``--execution.num-devices N``
     works without setting ``XLA_FLAGS``. Measured on the 2-core VM
     (benchmarks/RESULTS.md): two lanes on two host devices train logistic
-    regression 1.6x and the 2x200 dense net 1.9x faster than one lane on one
+    regression and the 2x200 dense net 1.4-1.9x faster than one lane on one
     device (a batch-20 step keeps only one core busy); the CNN runs at the
     same speed. Runs on one device are unaffected.
     """
