@@ -144,7 +144,7 @@ class FederatedRun:
     """One model, cohort and plan: rounds packed and compiled, ready to time.
 
     The constructor packs ``rounds`` cohorts and runs a first pass over them,
-    compiling every step bucket they need; ``steady_pass()`` times another
+    compiling every step bucket they need; ``timed_pass()`` times another
     pass over the same cohorts (the steady state a long run reaches once its
     handful of shapes are compiled).
     """
@@ -170,9 +170,9 @@ class FederatedRun:
         if mesh is not None:  # replicated from the start: the rounds' outputs are, and a
             self.state = jax.device_put(self.state, replicated(mesh))  # placement change would recompile
         self.examples = sum(int(np.asarray(packed.mask).sum()) for packed in self.cohorts)
-        self.compile_pass = self._pass()
+        self.compile_pass = self.timed_pass()
 
-    def _pass(self) -> float:
+    def timed_pass(self) -> float:
         """Seconds for one pass over the cohorts. Rounds are dispatched back
         to back and the pass waits once at the end, as the limit's steps do:
         round r+1 is queued while round r runs, as in any loop that does not
@@ -182,9 +182,6 @@ class FederatedRun:
             self.state, _ = self.round_fn(self.state, packed, jax.random.key(round_index))
         jax.block_until_ready(self.state.params)
         return time.perf_counter() - tic
-
-    def steady_pass(self) -> float:
-        return self._pass()
 
 
 def measure(model_name, cohort, plans, rounds, batch, population, step_bucket, mesh, repeats):
@@ -203,7 +200,7 @@ def measure(model_name, cohort, plans, rounds, batch, population, step_bucket, m
     for _ in range(repeats):
         limit_samples.append(limit.sample())
         for name, run in runs.items():
-            passes[name].append(run.steady_pass())
+            passes[name].append(run.timed_pass())
     per_candidate = list(zip(*limit_samples))  # [candidate][repeat]
     best = max(range(len(per_candidate)), key=lambda i: statistics.median_low(per_candidate[i]))
     limit_samples = list(per_candidate[best])

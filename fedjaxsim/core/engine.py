@@ -11,8 +11,8 @@ default), so device memory is bounded by one chunk whatever the cohort size.
 Local steps run under ``lax.scan`` (a lone, unvmapped lane: a
 ``lax.fori_loop`` that stops at its last real step); a step whose mask is all
 padding leaves the local state (params and optimizer state) exactly unchanged
-(``lax.cond`` or ``jnp.where``). Contributions of the clients are reduced over the client axis
-(a running sum across chunks, or a stack for order-statistic aggregators),
+(``lax.cond`` or ``jnp.where``). Contributions of the clients are reduced over
+the client axis (a running sum across chunks, or a stack for order-statistic aggregators),
 and the server update runs in the same jit.
 """
 
@@ -183,6 +183,24 @@ def lanes_by_steps(mask, num_chunks: int):
     return order.reshape(num_chunks, -1)
 
 
+def lone_lane_live_steps(mask, step_position, occupied):
+    """How many leading steps a lone lane must run: up to each occupied
+    client's last real step (or, for a client with none, its position's last
+    step, where it is recorded). Later steps are all padding.
+
+    Args:
+      mask: ``bool[num_steps, batch]``; step_position: ``int32[num_steps]``;
+      occupied: ``bool[clients_per_lane]``.
+    """
+    clients_per_lane = occupied.shape[0]
+    steps = jnp.arange(mask.shape[0], dtype=jnp.int32)
+    real = jnp.any(mask, axis=1)
+    last_real = jax.ops.segment_max(jnp.where(real, steps, -1), step_position, num_segments=clients_per_lane)
+    last_of_position = jax.ops.segment_max(steps, step_position, num_segments=clients_per_lane)
+    needed = jnp.where(last_real >= 0, last_real, last_of_position)
+    return jnp.max(jnp.where(occupied, needed, -1)) + 1
+
+
 def build_round(algorithm: Algorithm, plan: ExecutionPlan | None = None, mesh=None):
     """Builds the jitted round function of ``algorithm`` under ``plan``.
 
@@ -237,11 +255,11 @@ def build_round(algorithm: Algorithm, plan: ExecutionPlan | None = None, mesh=No
             return _where(real, train(local), (local, sums))
         return jax.lax.cond(real, train, lambda local: (local, sums), local)
 
-    def run_local_steps(step, carry, inputs, active, num_live_steps):
+    def run_local_steps(step, carry, inputs, active, mask, step_position, occupied):
         """Runs ``step(carry, inputs[t])`` over the lane's steps; returns the carry.
 
         A lone lane (``active is None``) loops with ``lax.fori_loop`` over its
-        first ``num_live_steps`` steps only: the tail of padding steps (up to
+        first :func:`lone_lane_live_steps` steps only: the tail of padding steps (up to
         the step bucket) is never run, so its steps guard padding with a fused
         select instead of a ``lax.cond`` per step (on XLA:CPU a cond per
         batch-20 step cost the logreg model 13%). Otherwise a ``lax.scan`` over
@@ -257,7 +275,10 @@ def build_round(algorithm: Algorithm, plan: ExecutionPlan | None = None, mesh=No
             )
             return carry
         return jax.lax.fori_loop(
-            0, num_live_steps, lambda index, carry: step(carry, _take(inputs, index))[0], carry
+            0,
+            lone_lane_live_steps(mask, step_position, occupied),
+            lambda index, carry: step(carry, _take(inputs, index))[0],
+            carry,
         )
 
     def finish_client(broadcast, server_state, local, sums, weight, client_rng):
@@ -323,8 +344,9 @@ def build_round(algorithm: Algorithm, plan: ExecutionPlan | None = None, mesh=No
                 return local_training_step(local, sums, batch, step_mask, step_rng, client_step, guard), None
 
             steps = jnp.arange(num_steps, dtype=jnp.int32)
-            num_live_steps = jnp.max(jnp.where(jnp.any(mask, axis=1), steps + 1, 0))
-            local, sums = run_local_steps(step, (local0, zero_stats), (data, mask, steps), active, num_live_steps)
+            local, sums = run_local_steps(
+                step, (local0, zero_stats), (data, mask, steps), active, mask, step_position, occupied
+            )
             contribution, metrics, new_state = finish_client(
                 broadcast, server_state, local, sums, weights[0], client_rngs[0]
             )
@@ -378,15 +400,9 @@ def build_round(algorithm: Algorithm, plan: ExecutionPlan | None = None, mesh=No
             return (local, sums, local_buffer, sums_buffer), None
 
         inputs = (data, mask, step_position, is_first, is_last, local_step)
-        # The last step a lone lane must run: each occupied client's last real
-        # step (or, for a client with none, its position's last step).
-        last_real = jax.ops.segment_max(
-            jnp.where(real, steps, -1), step_position, num_segments=clients_per_lane
+        _, _, final_locals, final_sums = run_local_steps(
+            step, carry0, inputs, active, mask, step_position, occupied
         )
-        last_of_position = jax.ops.segment_max(steps, step_position, num_segments=clients_per_lane)
-        needed = jnp.where(last_real >= 0, last_real, last_of_position)
-        num_live_steps = jnp.max(jnp.where(occupied, needed, -1)) + 1
-        _, _, final_locals, final_sums = run_local_steps(step, carry0, inputs, active, num_live_steps)
         contributions, metrics, new_states = jax.vmap(
             lambda local, sums, weight, rng: finish_client(broadcast, server_state, local, sums, weight, rng)
         )(final_locals, final_sums, weights, client_rngs)
