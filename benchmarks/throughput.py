@@ -26,6 +26,11 @@ JSON line:
                         sampled before each repeat's steady passes, so the
                         two see the same machine load; the median is given.
   ratio_to_limit        examples_per_s / limit_examples_per_s (medians)
+  loop_limit_examples_per_s, ratio_to_loop_limit
+                        a stricter ceiling: the same centralized steps run
+                        inside one jitted lax.fori_loop over the batches (no
+                        per-step call, as in a federated round), best of
+                        batch and cohort x batch, patch lowering
 
 Usage:
   python benchmarks/throughput.py --model all --cohort 10 --rounds 10
@@ -88,8 +93,13 @@ class CentralizedLimit:
 
     Candidates: batches of ``batch`` and of ``cohort x batch`` examples, and
     for the CNN both convolution lowerings; each is compiled once here.
-    ``sample()`` times every candidate for at least ``min_seconds``; the
-    limit is the best candidate's median over samples (a best-of over noisy
+    Issue 2's limit is one jitted step per batch ("step" candidates). A
+    stricter ceiling is also measured: the same steps inside one jitted
+    ``lax.fori_loop`` over the batches ("loop" candidates, patch lowering only:
+    XLA's convolution gradient is the 14-30x trap inside a loop), which
+    removes the per-call overhead a federated round does not pay either.
+    ``sample()`` times every candidate for at least ``min_seconds``; a limit
+    is the best candidate's median over samples (a best-of over noisy
     candidates within one sample would be biased upwards).
     """
 
@@ -99,7 +109,7 @@ class CentralizedLimit:
         loss_fn = classification_loss(model)
         rng = np.random.default_rng(0)
         self.min_seconds = min_seconds
-        self.candidates = []
+        self.candidates = []  # (run(params) -> params, examples per run, size, lowering, mode)
         lowerings = ("lax", "patches") if model_name == "cnn" else ("patches",)
         for lowering in lowerings:
             for size in sorted({batch, batch * cohort}):
@@ -118,20 +128,44 @@ class CentralizedLimit:
                     return jax.tree.map(lambda p, g: p - 0.1 * g, params, grads)
 
                 jitted = jax.jit(step)
-                jax.block_until_ready(jitted(self.params, batches[0], jax.random.key(1)))
-                self.candidates.append((jitted, batches, size, lowering))
+
+                def run_steps(params, jitted=jitted, batches=batches):
+                    for batch_data in batches:
+                        params = jitted(params, batch_data, jax.random.key(1))
+                    return params
+
+                self.candidates.append((run_steps, steps * size, size, lowering, "step"))
+                if lowering == "patches":
+                    stacked = jax.tree.map(lambda *leaves: jnp.stack(leaves), *batches)
+
+                    def loop(params, stacked, step=step, steps=steps):
+                        return jax.lax.fori_loop(
+                            0, steps,
+                            lambda i, p: step(p, jax.tree.map(lambda leaf: leaf[i], stacked), jax.random.key(1)),
+                            params,
+                        )
+
+                    jitted_loop = jax.jit(loop)
+                    self.candidates.append(
+                        (lambda params, f=jitted_loop, d=stacked: f(params, d), steps * size, size, lowering, "loop")
+                    )
+        for run, *_ in self.candidates:
+            jax.block_until_ready(run(self.params))
+
+    @staticmethod
+    def name(candidate) -> str:
+        _, _, size, lowering, mode = candidate
+        return f"{lowering}@{size}" if mode == "step" else f"loop:{lowering}@{size}"
 
     def sample(self) -> list[float]:
         """Examples/s of every candidate, each timed for >= min_seconds."""
         rates = []
-        key = jax.random.key(1)
-        for jitted, batches, size, _ in self.candidates:
+        for run, examples, _, _, _ in self.candidates:
             current, trained = self.params, 0
             tic = time.perf_counter()
             while True:
-                for batch_data in batches:
-                    current = jitted(current, batch_data, key)
-                trained += len(batches) * size
+                current = run(current)
+                trained += examples
                 jax.block_until_ready(current)
                 elapsed = time.perf_counter() - tic
                 if elapsed >= self.min_seconds:
@@ -202,10 +236,18 @@ def measure(model_name, cohort, plans, rounds, batch, population, step_bucket, m
         for name, run in runs.items():
             passes[name].append(run.timed_pass())
     per_candidate = list(zip(*limit_samples))  # [candidate][repeat]
-    best = max(range(len(per_candidate)), key=lambda i: statistics.median_low(per_candidate[i]))
-    limit_samples = list(per_candidate[best])
-    limit_median = statistics.median_low(limit_samples)
-    _, _, limit_batch, limit_lowering = limit.candidates[best]
+    medians = [statistics.median_low(samples) for samples in per_candidate]
+
+    def best_of(mode):
+        indices = [i for i, c in enumerate(limit.candidates) if c[4] == mode]
+        best = max(indices, key=lambda i: medians[i])
+        return best, list(per_candidate[best])
+
+    best, limit_samples = best_of("step")
+    limit_median = medians[best]
+    _, _, limit_batch, limit_lowering, _ = limit.candidates[best]
+    loop_best, _ = best_of("loop")
+    loop_median = medians[loop_best]
     records = []
     for name, run in runs.items():
         plan = plans[name]
@@ -234,10 +276,13 @@ def measure(model_name, cohort, plans, rounds, batch, population, step_bucket, m
             "limit_batch": limit_batch,
             "limit_conv_lowering": limit_lowering,
             "limit_candidates": {
-                f"{candidate[3]}@{candidate[2]}": round(statistics.median_low(samples), 1)
-                for candidate, samples in zip(limit.candidates, per_candidate)
+                CentralizedLimit.name(candidate): round(median, 1)
+                for candidate, median in zip(limit.candidates, medians)
             },
             "ratio_to_limit": round(rate / limit_median, 3),
+            "loop_limit_examples_per_s": round(loop_median, 1),
+            "loop_limit_candidate": CentralizedLimit.name(limit.candidates[loop_best]),
+            "ratio_to_loop_limit": round(rate / loop_median, 3),
             "padded_step_fraction": round(1 - run.examples / sum(mask.size for mask in masks), 3),
             "device": str(jax.devices()[0].device_kind),
             "num_devices": 1 if mesh is None else mesh.size,

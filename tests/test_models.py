@@ -51,21 +51,28 @@ def test_patches_convolution_equals_lax_and_flax_conv():
     np.testing.assert_allclose(via_patches[1, 2, 3, 5], expected, atol=1e-5)
 
 
-def test_dense_layer_matches_flax_dense_and_a_float64_gradient():
-    """The CPU matmul (weight gradient from a materialised x^T) computes the
-    same layer: same parameters as flax.linen.Dense, same outputs, and input
-    and weight gradients equal to the closed form in float64, with and without
-    vmap over clients and for inputs with extra leading axes."""
+@pytest.mark.parametrize(
+    "in_features, out_features",
+    [(7, 3), (40, 2), (3, 40)],
+    ids=["either-transpose", "transposes-the-gradient", "transposes-the-inputs"],
+)
+def test_dense_layer_matches_flax_dense_and_a_float64_gradient(in_features, out_features):
+    """The CPU form (weight and bias gradients from one plain dot over a
+    materialised transpose of whichever of x and g is cheaper) computes the
+    same layer: same parameters as flax.linen.Dense, same outputs, and input,
+    weight and bias gradients equal to the closed form in float64, with and
+    without vmap over clients and for inputs with extra leading axes. The
+    shapes make the size rule take each transpose."""
     from fedjaxsim.models.dense import Dense
 
     rng = np.random.default_rng(4)
-    x = rng.normal(size=(2, 5, 7)).astype(np.float32)  # [clients, batch, features]
-    cotangent = rng.normal(size=(2, 5, 3)).astype(np.float32)
-    ours, theirs = Dense(3, lowering="patches"), nn.Dense(3)
+    x = rng.normal(size=(2, 5, in_features)).astype(np.float32)  # [clients, batch, features]
+    cotangent = rng.normal(size=(2, 5, out_features)).astype(np.float32)
+    ours, theirs = Dense(out_features, lowering="patches"), nn.Dense(out_features)
     params = ours.init(jax.random.key(0), x[0])
     assert jax.tree.structure(params) == jax.tree.structure(theirs.init(jax.random.key(0), x[0]))
     params = jax.tree.map(lambda p: p + jnp.asarray(rng.normal(size=p.shape), jnp.float32), params)
-    np.testing.assert_allclose(ours.apply(params, x), theirs.apply(params, x), rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(ours.apply(params, x), theirs.apply(params, x), rtol=1e-5, atol=1e-5)
 
     def gradients(module, xs, cts):
         def objective(p, inputs):
@@ -75,15 +82,16 @@ def test_dense_layer_matches_flax_dense_and_a_float64_gradient():
 
     kernel = np.asarray(params["params"]["kernel"], np.float64)
     expected_kernel = np.einsum("cbi,cbo->io", x.astype(np.float64), cotangent.astype(np.float64))
+    expected_bias = cotangent.astype(np.float64).sum(axis=(0, 1))
     expected_inputs = cotangent.astype(np.float64) @ kernel.T
     for batched in (False, True):
         if batched:  # per-client gradients under vmap, summed
             grads, input_grads = jax.vmap(lambda xc, cc: gradients(ours, xc, cc))(x, cotangent)
-            kernel_grad = np.asarray(grads["params"]["kernel"]).sum(axis=0)
+            grads = jax.tree.map(lambda g: np.asarray(g).sum(axis=0), grads)
         else:  # a 3-D input through one layer
             grads, input_grads = jax.jit(lambda xs, cts: gradients(ours, xs, cts))(x, cotangent)
-            kernel_grad = np.asarray(grads["params"]["kernel"])
-        np.testing.assert_allclose(kernel_grad, expected_kernel, rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(grads["params"]["kernel"], expected_kernel, rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(grads["params"]["bias"], expected_bias, rtol=1e-5, atol=1e-5)
         np.testing.assert_allclose(input_grads, expected_inputs, rtol=1e-5, atol=1e-5)
 
 

@@ -16,16 +16,18 @@ import jax
 import jax.numpy as jnp
 
 from fedjaxsim.core.lowering import current_conv_lowering
-from fedjaxsim.models.dense import matmul
+from fedjaxsim.models.dense import affine, matmul
 
 
-def conv2d_valid(inputs: jax.Array, kernel: jax.Array, lowering: str) -> jax.Array:
-    """Stride-1 VALID 2-D convolution of NHWC ``inputs`` with an HWIO ``kernel``."""
+def conv2d_valid(inputs: jax.Array, kernel: jax.Array, lowering: str, bias: jax.Array | None = None) -> jax.Array:
+    """Stride-1 VALID 2-D convolution of NHWC ``inputs`` with an HWIO ``kernel``,
+    plus ``bias`` (per output channel) if given."""
     if lowering == "lax":
-        return jax.lax.conv_general_dilated(
+        outputs = jax.lax.conv_general_dilated(
             inputs, kernel, window_strides=(1, 1), padding="VALID",
             dimension_numbers=("NHWC", "HWIO", "NHWC"),
         )
+        return outputs if bias is None else outputs + bias
     if lowering != "patches":
         raise ValueError(f"unknown conv lowering {lowering!r}; use 'lax' or 'patches'")
     kernel_h, kernel_w, in_features, out_features = kernel.shape
@@ -40,8 +42,11 @@ def conv2d_valid(inputs: jax.Array, kernel: jax.Array, lowering: str) -> jax.Arr
         ],
         axis=-1,
     )
-    # On CPU the kernel gradient patches^T @ g becomes a plain dot (models/dense.py).
-    return matmul(patches, kernel.reshape(kernel_h * kernel_w * in_features, out_features), "patches")
+    # On CPU the kernel (and bias) gradients become plain dots (models/dense.py).
+    kernel_2d = kernel.reshape(kernel_h * kernel_w * in_features, out_features)
+    if bias is None:
+        return matmul(patches, kernel_2d, "patches")
+    return affine(patches, kernel_2d, bias, "patches")
 
 
 class Conv(nn.Module):
@@ -61,7 +66,7 @@ class Conv(nn.Module):
         )
         bias = self.param("bias", nn.initializers.zeros_init(), (self.features,))
         lowering = current_conv_lowering() if self.lowering is None else self.lowering
-        return conv2d_valid(inputs, kernel.astype(inputs.dtype), lowering) + bias
+        return conv2d_valid(inputs, kernel.astype(inputs.dtype), lowering, bias.astype(inputs.dtype))
 
 
 def max_pool_2x2(inputs: jax.Array) -> jax.Array:
