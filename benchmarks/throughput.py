@@ -32,6 +32,10 @@ JSON line:
                         per-step call, as in a federated round), best of
                         batch and cohort x batch, patch lowering
 
+On CPU the host is split into one XLA:CPU device per core by default (as
+`fedjaxsim run` does) and the "default" plan trains one lane per device, the
+runner's `--execution.num-devices N`; `--host-devices 1` measures one device.
+
 Usage:
   python benchmarks/throughput.py --model all --cohort 10 --rounds 10
   python benchmarks/throughput.py --model dense --cohort 10,50,100 --plans default,lanes1,vmap
@@ -61,7 +65,7 @@ from fedjaxsim.core.lowering import conv_lowering  # noqa: E402
 from fedjaxsim.core.packing import PackingConfig, pack_cohort  # noqa: E402
 from fedjaxsim.core.sharding import client_mesh, replicated, shard_cohort  # noqa: E402
 from fedjaxsim.models import classification_loss, get_model  # noqa: E402
-from fedjaxsim.runner.platform import RECOMMENDED_YNN_FUSION_TYPES, configure_xla_cpu  # noqa: E402
+from fedjaxsim.runner.platform import RECOMMENDED_YNN_FUSION_TYPES, configure_xla_cpu, default_host_device_count  # noqa: E402
 
 
 def named_plans(names: list[str], num_devices: int = 1) -> dict[str, ExecutionPlan]:
@@ -299,8 +303,9 @@ def main(argv=None):
     parser.add_argument("--rounds", type=int, default=None, help="timed rounds (default: by model)")
     parser.add_argument("--batch", type=int, default=20)
     parser.add_argument("--plans", default="default", help="comma-separated: default, vmap, lanesN, lanesNuK, lax")
-    parser.add_argument("--host-devices", type=int, default=None,
-                        help="shard over N forced XLA:CPU host devices (a clients mesh)")
+    parser.add_argument("--host-devices", type=int, default=default_host_device_count(),
+                        help="on CPU, shard over N forced XLA:CPU host devices (a clients mesh); "
+                             "default: one per core, as `fedjaxsim run` splits the host; 1: one device, no mesh")
     parser.add_argument("--repeats", type=int, default=3,
                         help="interleaved samples of the limit and of every plan (medians are reported)")
     parser.add_argument("--step-bucket", default="geometric", help="pow2, geometric, exact or an int")
@@ -313,11 +318,12 @@ def main(argv=None):
     if args.ynn_fusion_types != "xla-default":
         configure_xla_cpu(args.ynn_fusion_types)
     mesh = None
-    if args.host_devices:
+    if args.host_devices > 1:  # the flag only splits the host platform; set before JAX starts
         os.environ["XLA_FLAGS"] = (
             os.environ.get("XLA_FLAGS", "") + f" --xla_force_host_platform_device_count={args.host_devices}"
         ).strip()
-        mesh = client_mesh(jax.devices()[: args.host_devices])
+        if jax.default_backend() == "cpu":
+            mesh = client_mesh(jax.devices()[: args.host_devices])
     models = ["cnn", "dense", "logreg"] if args.model == "all" else args.model.split(",")
     population = EmnistLookalike()
     for model_name in models:
