@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 
 from fedjaxsim.core.lowering import current_conv_lowering
-from fedjaxsim.models.dense import affine, matmul
+from fedjaxsim.models.dense import affine
 
 
 def conv2d_valid(inputs: jax.Array, kernel: jax.Array, lowering: str, bias: jax.Array | None = None) -> jax.Array:
@@ -43,10 +43,7 @@ def conv2d_valid(inputs: jax.Array, kernel: jax.Array, lowering: str, bias: jax.
         axis=-1,
     )
     # On CPU the kernel (and bias) gradients become plain dots (models/dense.py).
-    kernel_2d = kernel.reshape(kernel_h * kernel_w * in_features, out_features)
-    if bias is None:
-        return matmul(patches, kernel_2d, "patches")
-    return affine(patches, kernel_2d, bias, "patches")
+    return affine(patches, kernel.reshape(kernel_h * kernel_w * in_features, out_features), bias, "patches")
 
 
 class Conv(nn.Module):

@@ -54,40 +54,23 @@ def _weight_gradient(rows, grad_rows, with_bias: bool):
 
 
 @jax.custom_vjp
-def matmul_with_plain_weight_gradient(x: jax.Array, w: jax.Array) -> jax.Array:
-    """``x @ w`` for ``x[..., k]`` and ``w[k, n]``; see the module docstring."""
-    return x @ w
-
-
-def _forward(x, w):
-    return x @ w, (x, w)
-
-
-def _backward(residuals, g):
-    x, w = residuals
-    weight_gradient, _ = _weight_gradient(x.reshape(-1, x.shape[-1]), g.reshape(-1, g.shape[-1]), False)
-    return g @ jnp.transpose(w), weight_gradient.astype(w.dtype)
-
-
-matmul_with_plain_weight_gradient.defvjp(_forward, _backward)
-
-
-@jax.custom_vjp
-def affine_with_plain_gradients(x: jax.Array, w: jax.Array, b: jax.Array) -> jax.Array:
-    """``x @ w + b``; the weight and bias gradients come from one plain dot."""
-    return x @ w + b
+def affine_with_plain_gradients(x: jax.Array, w: jax.Array, b: jax.Array | None) -> jax.Array:
+    """``x @ w (+ b)`` for ``x[..., k]``, ``w[k, n]`` and ``b[n]`` or None; the
+    weight and bias gradients come from one plain dot (module docstring)."""
+    return x @ w if b is None else x @ w + b
 
 
 def _affine_forward(x, w, b):
-    return x @ w + b, (x, w, b)
+    return affine_with_plain_gradients(x, w, b), (x, w, b)
 
 
 def _affine_backward(residuals, g):
     x, w, b = residuals
     weight_gradient, bias_gradient = _weight_gradient(
-        x.reshape(-1, x.shape[-1]), g.reshape(-1, g.shape[-1]), True
+        x.reshape(-1, x.shape[-1]), g.reshape(-1, g.shape[-1]), b is not None
     )
-    return g @ jnp.transpose(w), weight_gradient.astype(w.dtype), bias_gradient.astype(b.dtype)
+    bias_gradient = None if b is None else bias_gradient.astype(b.dtype)
+    return g @ jnp.transpose(w), weight_gradient.astype(w.dtype), bias_gradient
 
 
 affine_with_plain_gradients.defvjp(_affine_forward, _affine_backward)
@@ -99,14 +82,16 @@ def uses_cpu_form(lowering: str | None = None) -> bool:
     return lowering == "patches" and jax.default_backend() == "cpu"
 
 
+def affine(x: jax.Array, w: jax.Array, b: jax.Array | None, lowering: str | None = None) -> jax.Array:
+    """``x @ w (+ b)`` lowered for the plan in force ("patches" on CPU: the CPU form)."""
+    if uses_cpu_form(lowering):
+        return affine_with_plain_gradients(x, w, b)
+    return x @ w if b is None else x @ w + b
+
+
 def matmul(x: jax.Array, w: jax.Array, lowering: str | None = None) -> jax.Array:
-    """``x @ w`` lowered for the plan in force ("patches" on CPU: the CPU form)."""
-    return matmul_with_plain_weight_gradient(x, w) if uses_cpu_form(lowering) else x @ w
-
-
-def affine(x: jax.Array, w: jax.Array, b: jax.Array, lowering: str | None = None) -> jax.Array:
-    """``x @ w + b`` lowered for the plan in force ("patches" on CPU: the CPU form)."""
-    return affine_with_plain_gradients(x, w, b) if uses_cpu_form(lowering) else x @ w + b
+    """``x @ w`` lowered for the plan in force (:func:`affine` without a bias)."""
+    return affine(x, w, None, lowering)
 
 
 class Dense(nn.Module):
