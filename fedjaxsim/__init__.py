@@ -1,10 +1,13 @@
 """fedjaxsim: federated learning simulation in JAX, with clients on an array axis.
 
-The functional API: build an :class:`Algorithm` (``fed_avg`` and friends, or
-your own record of pure functions), pack a cohort on the host with
-:func:`pack_cohort`, and run :func:`build_round`'s jitted round.
+The functional API: build an :class:`Algorithm` (``fed_avg``, ``scaffold``
+and the rest, or your own record of pure functions), optionally swap its
+aggregator (:func:`with_aggregator`: DP, robust rules, compression, secure
+aggregation), pack a cohort on the host with :func:`pack_cohort`, and run
+:func:`build_round`'s jitted round.
 """
 
+from fedjaxsim.algorithms.ditto import ditto
 from fedjaxsim.algorithms.fed_avg import (
     fed_adagrad,
     fed_adam,
@@ -12,41 +15,71 @@ from fedjaxsim.algorithms.fed_avg import (
     fed_avg_m,
     fed_sgd_avg,
     fed_yogi,
-    masked_mean_loss,
 )
-from fedjaxsim.core.aggregators import Aggregator, weighted_mean
-from fedjaxsim.core.algorithm import Algorithm, ClientOutput
+from fedjaxsim.algorithms.fed_nova import fed_nova
+from fedjaxsim.algorithms.fed_prox import fed_prox
+from fedjaxsim.algorithms.mime_lite import mime_lite
+from fedjaxsim.algorithms.q_ffl import q_ffl
+from fedjaxsim.algorithms.scaffold import scaffold
+from fedjaxsim.core.aggregators import (
+    Aggregate,
+    Aggregator,
+    ClientPayload,
+    Contribution,
+    aggregate_clients,
+    weighted_mean,
+)
+from fedjaxsim.core.algorithm import Algorithm, ClientOutput, with_aggregator
 from fedjaxsim.core.client_batch import Cohort
+from fedjaxsim.core.client_state import ClientStateStore
 from fedjaxsim.core.engine import ExecutionPlan, RoundOutput, build_round, default_plan
 from fedjaxsim.core.evaluation import batch_for_eval, build_classification_eval
-from fedjaxsim.core.packing import PackingConfig, pack_cohort
+from fedjaxsim.core.losses import classification_loss, masked_mean_loss, squared_error_loss
+from fedjaxsim.core.packing import PackingConfig, default_num_lanes, pack_cohort
 from fedjaxsim.core.sampling import sample_uniform
 from fedjaxsim.core.sharding import client_mesh, shard_cohort
+from fedjaxsim.models import get_model
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "Aggregate",
     "Aggregator",
     "Algorithm",
     "ClientOutput",
+    "ClientPayload",
+    "ClientStateStore",
     "Cohort",
+    "Contribution",
     "ExecutionPlan",
     "PackingConfig",
     "RoundOutput",
+    "aggregate_clients",
     "batch_for_eval",
     "build_classification_eval",
     "build_round",
+    "classification_loss",
     "client_mesh",
+    "default_num_lanes",
     "default_plan",
+    "ditto",
     "fed_adagrad",
     "fed_adam",
     "fed_avg",
     "fed_avg_m",
+    "fed_nova",
+    "fed_prox",
     "fed_sgd_avg",
     "fed_yogi",
+    "get_model",
     "masked_mean_loss",
+    "mime_lite",
     "pack_cohort",
+    "q_ffl",
     "sample_uniform",
+    "scaffold",
     "shard_cohort",
+    "squared_error_loss",
     "weighted_mean",
+    "with_aggregator",
 ]

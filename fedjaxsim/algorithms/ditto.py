@@ -16,9 +16,12 @@ then sends ``w^t - w_k``; the server updates
 ``w <- w - server_lr * weighted_mean_k(w^t - w_k)``. ``lambda = 0`` trains
 purely local models; a large ``lambda`` keeps ``v_k`` at the global model.
 
-Personal models live in a
-:class:`~fedjaxsim.core.client_state.ClientStateStore` (default
-:func:`initial_client_state`). Deviations from Algorithm 1, both for
+The global model's side is FedAvg's (``fed_avg(...)._replace(...)``): only
+the local training, which also steps the personal model, differs. Personal
+models live in a :class:`~fedjaxsim.core.client_state.ClientStateStore`
+(default :func:`initial_client_state`); a client that does not count in the
+round (weight 0, or a non-finite update) keeps its personal model as it was.
+Deviations from Algorithm 1, both for
 cross-device populations: the personal and global updates share the local
 batches (one step of each per batch, instead of separate passes), and a
 client's personal model starts from the global model it first receives
@@ -31,24 +34,13 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+import optax
 
-from fedjaxsim.algorithms.common import (
-    check_number,
-    divide,
-    num_real_examples,
-    require_client_state,
-    sgd_step,
-    weighted_contribution,
-)
-from fedjaxsim.algorithms.fed_avg import masked_mean_loss
-from fedjaxsim.core.aggregators import tree_l2_norm
+from fedjaxsim.algorithms.fed_avg import fed_avg, local_loss_and_grads, step_stats
 from fedjaxsim.core.algorithm import Algorithm, ClientOutput
+from fedjaxsim.core.trees import sgd_step, tree_l2_norm, tree_subtract, tree_where, tree_zeros_like
 from fedjaxsim.core.types import Params, PerExampleLossFn
-
-
-class DittoServerState(NamedTuple):
-    params: Params  # float32 pytree: the global model w
-    round: jax.Array  # int32[]: rounds completed
+from fedjaxsim.core.validation import check_real
 
 
 class DittoClientState(NamedTuple):
@@ -68,10 +60,7 @@ def initial_client_state(params: Params) -> DittoClientState:
     ``personal_params`` is a placeholder (zeros like ``params``); a client
     without a personal model starts it from the global model it receives.
     """
-    return DittoClientState(
-        personal_params=jax.tree.map(jnp.zeros_like, params),
-        has_personal_model=jnp.zeros((), bool),
-    )
+    return DittoClientState(tree_zeros_like(params), jnp.zeros((), bool))
 
 
 def ditto(
@@ -91,47 +80,35 @@ def ditto(
       server_learning_rate: step size ``>= 0`` on the averaged delta.
 
     Returns:
-      An :class:`Algorithm` with :class:`DittoServerState`, to run with
-      ``client_states`` gathered from a store whose default is
-      :func:`initial_client_state`. Client metrics add
-      ``personal_loss_sum`` (the personal model's training loss).
+      FedAvg's :class:`Algorithm` (server state
+      :class:`fedjaxsim.algorithms.fed_avg.ServerState`) with Ditto's local
+      training, to run with ``client_states`` gathered from a store whose
+      default is ``algorithm.initial_client_state(params)``. Client metrics
+      add ``personal_loss_sum`` (the personal model's training loss).
 
     Raises:
-      ValueError: naming the first invalid hyper-parameter, or (at the first
-        call of the round) when no ``client_states`` are passed.
+      ValueError: naming the first invalid hyper-parameter.
     """
-    check_number("client_learning_rate", client_learning_rate, minimum=0.0, strict=True)
-    check_number("personal_learning_rate", personal_learning_rate, minimum=0.0, strict=True)
-    check_number("regularization", regularization, minimum=0.0)
-    check_number("server_learning_rate", server_learning_rate, minimum=0.0)
-
-    def init(params: Params) -> DittoServerState:
-        return DittoServerState(params=params, round=jnp.zeros((), jnp.int32))
-
-    def broadcast(server_state: DittoServerState) -> Params:
-        return server_state.params
+    check_real("client_learning_rate", client_learning_rate, minimum=0.0, strict_minimum=True)
+    check_real("personal_learning_rate", personal_learning_rate, minimum=0.0, strict_minimum=True)
+    check_real("regularization", regularization, minimum=0.0)
+    check_real("server_learning_rate", server_learning_rate, minimum=0.0)
+    base = fed_avg(
+        per_example_loss_fn, optax.sgd(client_learning_rate), optax.sgd(server_learning_rate)
+    )
 
     def client_init(server_params, client_state: DittoClientState, rng) -> DittoLocalState:
         del rng
-        require_client_state(
-            client_state, "ditto", "fedjaxsim.algorithms.ditto.initial_client_state"
-        )
-        personal = jax.tree.map(
-            lambda v, w: jnp.where(client_state.has_personal_model, v, w),
-            client_state.personal_params,
-            server_params,
+        personal = tree_where(
+            client_state.has_personal_model, client_state.personal_params, server_params
         )
         return DittoLocalState(server_params, personal, server_params)
 
-    def loss_and_grad(params, batch, mask, rng):
-        (_, loss_sum), grads = jax.value_and_grad(
-            lambda p: masked_mean_loss(per_example_loss_fn, p, batch, mask, rng), has_aux=True
-        )(params)
-        return loss_sum, grads
-
     def client_step(local: DittoLocalState, batch, mask, rng):
-        loss_sum, grads = loss_and_grad(local.params, batch, mask, rng)
-        personal_loss_sum, personal_grads = loss_and_grad(local.personal_params, batch, mask, rng)
+        loss_sum, grads = local_loss_and_grads(per_example_loss_fn, local.params, batch, mask, rng)
+        personal_loss_sum, personal_grads = local_loss_and_grads(
+            per_example_loss_fn, local.personal_params, batch, mask, rng
+        )
         personal_grads = jax.tree.map(
             lambda g, v, w: g + regularization * (v - w),
             personal_grads,
@@ -143,48 +120,20 @@ def ditto(
             personal_params=sgd_step(local.personal_params, personal_grads, personal_learning_rate),
             server_params=local.server_params,
         )
-        stats = {
-            "loss_sum": loss_sum,
-            "personal_loss_sum": personal_loss_sum,
-            "num_examples": num_real_examples(mask),
-        }
-        return new_local, stats
+        return new_local, dict(step_stats(loss_sum, mask), personal_loss_sum=personal_loss_sum)
 
     def client_finalize(server_params, local: DittoLocalState) -> ClientOutput:
-        delta = jax.tree.map(jnp.subtract, server_params, local.params)
+        delta = tree_subtract(server_params, local.params)
+        distance = tree_l2_norm(tree_subtract(local.personal_params, server_params))
         return ClientOutput(
             update=delta,
             client_state=DittoClientState(local.personal_params, jnp.ones((), bool)),
-            metrics={
-                "update_norm": tree_l2_norm(delta),
-                "personal_distance_to_global": tree_l2_norm(
-                    jax.tree.map(jnp.subtract, local.personal_params, server_params)
-                ),
-            },
+            metrics={"update_norm": tree_l2_norm(delta), "personal_distance_to_global": distance},
         )
 
-    def client_contribution(server_state, output: ClientOutput, weight, rng):
-        del server_state, rng
-        return weighted_contribution(weight, {"delta": output.update})
-
-    def server_update(server_state: DittoServerState, reduced, rng):
-        del rng
-        delta = divide(reduced["weighted_delta"], reduced["weight"])
-        params = sgd_step(server_state.params, delta, server_learning_rate)
-        metrics = {
-            "total_weight": reduced["weight"],
-            "num_nonfinite_updates": reduced["num_nonfinite_updates"],
-            "server_update_norm": tree_l2_norm(delta),
-        }
-        return DittoServerState(params, server_state.round + 1), metrics
-
-    return Algorithm(
-        init=init,
-        broadcast=broadcast,
+    return base._replace(
         client_init=client_init,
         client_step=client_step,
         client_finalize=client_finalize,
-        client_contribution=client_contribution,
-        server_update=server_update,
-        reduction="sum",
+        initial_client_state=initial_client_state,
     )

@@ -6,8 +6,22 @@ Efficient Learning of Deep Networks from Decentralized Data". AISTATS 2017.
 FedAvgM, FedAdagrad, FedAdam, FedYogi: Reddi, Charles, Zaheer, Garrett, Rush,
 Konečný, Kumar, McMahan. "Adaptive Federated Optimization". ICLR 2021
 (arXiv:2003.00295). Every one of them is FedAvg whose server treats the
-weighted average of client deltas ``server_params - local_params`` as a
+aggregate of client deltas ``server_params - local_params`` as a
 pseudo-gradient for an optax transform.
+
+FedAdam and FedYogi come in two forms (``form=``):
+
+* ``"paper"``: Algorithm 2 of Reddi et al. as printed
+  (:func:`scale_by_adaptive_tau`): ``m_t = b1 m + (1 - b1) g``, the second
+  moment from ``v_{-1} = tau^2``, step ``m_t / (sqrt(v_t) + tau)``, no bias
+  correction.
+* ``"bias_corrected"`` (the default): optax's ``adam`` and ``yogi`` with
+  ``eps = tau``, which correct both moments for their zero (Yogi: 1e-6)
+  start. The authors' experiment code ran the Keras optimizers of this form,
+  and the EMNIST presets in ``configs/`` (their tuned learning rates) use it.
+
+FedAdagrad always follows Algorithm 2 (optax's ``adagrad`` has no momentum
+and puts its epsilon inside the root).
 """
 
 from __future__ import annotations
@@ -18,9 +32,15 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from fedjaxsim.core.aggregators import Aggregator, tree_l2_norm, weighted_mean
+from fedjaxsim.core.aggregators import weighted_mean
 from fedjaxsim.core.algorithm import Algorithm, ClientOutput
+from fedjaxsim.core.losses import masked_mean_loss
+from fedjaxsim.core.trees import tree_l2_norm, tree_subtract
 from fedjaxsim.core.types import Params, PerExampleLossFn, PyTree
+from fedjaxsim.core.validation import check_choice, check_real
+
+ADAPTIVE_FORMS = ("bias_corrected", "paper")
+SECOND_MOMENTS = ("adagrad", "adam", "yogi")
 
 
 class ServerState(NamedTuple):
@@ -35,32 +55,23 @@ class LocalState(NamedTuple):
     opt_state: optax.OptState  # client optimizer state, fresh every round
 
 
-def masked_mean_loss(
-    per_example_loss_fn: PerExampleLossFn, params, batch, mask, rng
-) -> tuple[jax.Array, jax.Array]:
-    """Mean loss over the real examples of a batch, and their loss sum.
-
-    Padding slots are excluded with ``where`` (not a multiply, so a NaN in a
-    padding slot cannot leak) and the mean divides by ``max(sum(mask), 1)`` so
-    an all-padding batch has loss and gradient exactly zero.
-    """
-    losses = per_example_loss_fn(params, batch, rng)
-    loss_sum = jnp.sum(jnp.where(mask, losses, 0.0))
-    count = jnp.sum(mask.astype(losses.dtype))
-    return loss_sum / jnp.maximum(count, 1.0), loss_sum
+def local_loss_and_grads(per_example_loss_fn: PerExampleLossFn, params, batch, mask, rng):
+    """``(loss_sum, grads)`` of the masked mean loss at ``params``."""
+    grads, loss_sum = jax.grad(
+        lambda p: masked_mean_loss(per_example_loss_fn, p, batch, mask, rng), has_aux=True
+    )(params)
+    return loss_sum, grads
 
 
-def check_learning_rate(name: str, value) -> None:
-    """Raises ValueError for a negative or non-finite float learning rate."""
-    if isinstance(value, (int, float)) and not (value >= 0 and value < float("inf")):
-        raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
+def step_stats(loss_sum, mask) -> dict:
+    """The step statistics every algorithm reports: loss sum and real examples."""
+    return {"loss_sum": loss_sum, "num_examples": jnp.sum(mask, dtype=jnp.float32)}
 
 
 def fed_avg(
     per_example_loss_fn: PerExampleLossFn,
     client_optimizer: optax.GradientTransformation,
     server_optimizer: optax.GradientTransformation | None = None,
-    aggregator: Aggregator | None = None,
 ) -> Algorithm:
     """Builds FedAvg with any optax client and server optimizers.
 
@@ -68,17 +79,17 @@ def fed_avg(
       per_example_loss_fn: ``(params, batch, rng) -> float32[batch_size]``.
       client_optimizer: optax transform for local steps; its state is
         re-initialised from the server params every round.
-      server_optimizer: optax transform applied to the averaged delta as a
+      server_optimizer: optax transform applied to the aggregated delta as a
         pseudo-gradient. Defaults to ``optax.sgd(1.0)``, which sets the server
         params to the weighted average of the client params (plain FedAvg).
-      aggregator: how client deltas are combined; defaults to the weighted
-        mean (``fedjaxsim.core.aggregators.weighted_mean``).
 
     Returns:
-      An :class:`Algorithm`. Its server state is :class:`ServerState`.
+      An :class:`Algorithm` with the weighted mean as its aggregator
+      (``fedjaxsim.core.algorithm.with_aggregator`` swaps it). Its server state
+      is :class:`ServerState`.
     """
     server_optimizer = optax.sgd(1.0) if server_optimizer is None else server_optimizer
-    aggregator = weighted_mean() if aggregator is None else aggregator
+    aggregator = weighted_mean()
 
     def init(params: Params) -> ServerState:
         return ServerState(
@@ -88,59 +99,45 @@ def fed_avg(
             round=jnp.zeros((), jnp.int32),
         )
 
-    def broadcast(server_state: ServerState) -> Params:
-        return server_state.params
-
     def client_init(server_params, client_state, rng) -> LocalState:
         del client_state, rng
         return LocalState(server_params, client_optimizer.init(server_params))
 
     def client_step(local: LocalState, batch, mask, rng):
-        (_, loss_sum), grads = jax.value_and_grad(
-            lambda p: masked_mean_loss(per_example_loss_fn, p, batch, mask, rng),
-            has_aux=True,
-        )(local.params)
+        loss_sum, grads = local_loss_and_grads(per_example_loss_fn, local.params, batch, mask, rng)
         updates, opt_state = client_optimizer.update(grads, local.opt_state, local.params)
         params = optax.apply_updates(local.params, updates)
-        stats = {"loss_sum": loss_sum, "num_examples": jnp.sum(mask, dtype=jnp.float32)}
-        return LocalState(params, opt_state), stats
+        return LocalState(params, opt_state), step_stats(loss_sum, mask)
 
-    def client_finalize(server_params, local: LocalState) -> ClientOutput:
-        delta = jax.tree.map(jnp.subtract, server_params, local.params)
+    def client_finalize(server_params, local) -> ClientOutput:
+        delta = tree_subtract(server_params, local.params)
         return ClientOutput(update=delta, metrics={"update_norm": tree_l2_norm(delta)})
 
-    def client_contribution(server_state: ServerState, output: ClientOutput, weight, rng):
-        return aggregator.client_transform(
-            output.update, weight, server_state.aggregator_state, rng
-        )
-
-    def server_update(server_state: ServerState, reduced, rng):
-        delta, aggregator_state, metrics = aggregator.finalize(
-            reduced, server_state.aggregator_state, rng
-        )
+    def server_update(server_state: ServerState, aggregate, rng):
+        del rng
+        delta = aggregate.update
         updates, opt_state = server_optimizer.update(
             delta, server_state.opt_state, server_state.params
         )
         params = optax.apply_updates(server_state.params, updates)
-        metrics = dict(metrics, server_update_norm=tree_l2_norm(delta))
-        new_state = ServerState(params, opt_state, aggregator_state, server_state.round + 1)
-        return new_state, metrics
+        new_state = server_state._replace(
+            params=params, opt_state=opt_state, round=server_state.round + 1
+        )
+        return new_state, {"server_update_norm": tree_l2_norm(delta)}
 
     return Algorithm(
         init=init,
-        broadcast=broadcast,
+        broadcast=lambda server_state: server_state.params,
         client_init=client_init,
         client_step=client_step,
         client_finalize=client_finalize,
-        client_contribution=client_contribution,
         server_update=server_update,
-        reduction=aggregator.reduction,
+        aggregator=aggregator,
     )
 
 
 def _sgd(name: str, learning_rate: float) -> optax.GradientTransformation:
-    check_learning_rate(name, learning_rate)
-    return optax.sgd(learning_rate)
+    return optax.sgd(check_real(name, learning_rate, minimum=0.0))
 
 
 def fed_sgd_avg(
@@ -163,9 +160,8 @@ def fed_avg_m(
     momentum: float = 0.9,
 ) -> Algorithm:
     """FedAvgM: heavy-ball momentum on the server (Reddi et al. 2020 EMNIST defaults)."""
-    check_learning_rate("server_learning_rate", server_learning_rate)
-    if not 0 <= momentum < 1:
-        raise ValueError(f"momentum must lie in [0, 1), got {momentum!r}")
+    server_learning_rate = check_real("server_learning_rate", server_learning_rate, minimum=0.0)
+    momentum = check_real("momentum", momentum, minimum=0.0, maximum=1.0, strict_maximum=True)
     return fed_avg(
         per_example_loss_fn,
         _sgd("client_learning_rate", client_learning_rate),
@@ -173,10 +169,62 @@ def fed_avg_m(
     )
 
 
-def _adaptive_checks(server_learning_rate, eps):
-    check_learning_rate("server_learning_rate", server_learning_rate)
-    if not eps > 0:
-        raise ValueError(f"eps (the adaptivity tau) must be > 0, got {eps!r}")
+class AdaptiveTauState(NamedTuple):
+    momentum: optax.Updates  # float32 pytree like params: m_t
+    second_moment: optax.Updates  # float32 pytree like params: v_t
+
+
+def scale_by_adaptive_tau(
+    second_moment: str, b1: float = 0.9, b2: float = 0.99, tau: float = 1e-3
+) -> optax.GradientTransformation:
+    """Reddi et al.'s Algorithm 2 direction ``m_t / (sqrt(v_t) + tau)``.
+
+    ``m_t = b1 m_{t-1} + (1 - b1) g_t`` from ``m_{-1} = 0``, and from
+    ``v_{-1} = tau^2``:
+
+    * ``"adagrad"``: ``v_t = v_{t-1} + g_t^2``;
+    * ``"adam"``: ``v_t = b2 v_{t-1} + (1 - b2) g_t^2``;
+    * ``"yogi"``: ``v_t = v_{t-1} - (1 - b2) g_t^2 sign(v_{t-1} - g_t^2)``.
+
+    No bias correction. Chain with ``optax.scale(-learning_rate)``.
+    """
+    check_choice("second_moment", second_moment, SECOND_MOMENTS)
+
+    def next_second_moment(v, g):
+        square = g * g
+        if second_moment == "adagrad":
+            return v + square
+        if second_moment == "adam":
+            return b2 * v + (1 - b2) * square
+        return v - (1 - b2) * square * jnp.sign(v - square)
+
+    def init_fn(params):
+        return AdaptiveTauState(
+            momentum=jax.tree.map(jnp.zeros_like, params),
+            second_moment=jax.tree.map(lambda p: jnp.full_like(p, tau**2), params),
+        )
+
+    def update_fn(updates, state, params=None):
+        del params
+        momentum = jax.tree.map(lambda m, g: b1 * m + (1 - b1) * g, state.momentum, updates)
+        squares = jax.tree.map(next_second_moment, state.second_moment, updates)
+        direction = jax.tree.map(lambda m, v: m / (jnp.sqrt(v) + tau), momentum, squares)
+        return direction, AdaptiveTauState(momentum, squares)
+
+    return optax.GradientTransformation(init_fn, update_fn)
+
+
+def _adaptive_server(second_moment, form, server_learning_rate, b1, b2, eps):
+    server_learning_rate = check_real("server_learning_rate", server_learning_rate, minimum=0.0)
+    check_real("b1", b1, minimum=0.0, maximum=1.0, strict_maximum=True)
+    check_real("b2", b2, minimum=0.0, maximum=1.0, strict_maximum=True)
+    check_real("eps", eps, minimum=0.0, strict_minimum=True)
+    check_choice("form", form, ADAPTIVE_FORMS)
+    if form == "paper" or second_moment == "adagrad":
+        direction = scale_by_adaptive_tau(second_moment, b1, b2, eps)
+        return optax.chain(direction, optax.scale(-server_learning_rate))
+    optimizer = optax.adam if second_moment == "adam" else optax.yogi
+    return optimizer(server_learning_rate, b1=b1, b2=b2, eps=eps)
 
 
 def fed_adam(
@@ -186,13 +234,17 @@ def fed_adam(
     b1: float = 0.9,
     b2: float = 0.99,
     eps: float = 1e-4,
+    form: str = "bias_corrected",
 ) -> Algorithm:
-    """FedAdam (Reddi et al. 2020), defaults tuned there for EMNIST CNN."""
-    _adaptive_checks(server_learning_rate, eps)
+    """FedAdam (Reddi et al. 2020), defaults tuned there for EMNIST CNN.
+
+    ``eps`` is the adaptivity ``tau``; ``form`` is ``"bias_corrected"`` or
+    ``"paper"`` (module docstring).
+    """
     return fed_avg(
         per_example_loss_fn,
         _sgd("client_learning_rate", client_learning_rate),
-        optax.adam(server_learning_rate, b1=b1, b2=b2, eps=eps),
+        _adaptive_server("adam", form, server_learning_rate, b1, b2, eps),
     )
 
 
@@ -203,43 +255,18 @@ def fed_yogi(
     b1: float = 0.9,
     b2: float = 0.99,
     eps: float = 1e-4,
+    form: str = "bias_corrected",
 ) -> Algorithm:
-    """FedYogi (Reddi et al. 2020), defaults tuned there for EMNIST CNN."""
-    _adaptive_checks(server_learning_rate, eps)
+    """FedYogi (Reddi et al. 2020), defaults tuned there for EMNIST CNN.
+
+    ``eps`` is the adaptivity ``tau``; ``form`` is ``"bias_corrected"`` or
+    ``"paper"`` (module docstring).
+    """
     return fed_avg(
         per_example_loss_fn,
         _sgd("client_learning_rate", client_learning_rate),
-        optax.yogi(server_learning_rate, b1=b1, b2=b2, eps=eps),
+        _adaptive_server("yogi", form, server_learning_rate, b1, b2, eps),
     )
-
-
-class ScaleByAdagradTauState(NamedTuple):
-    momentum: optax.Updates  # float32 pytree like params: m_t
-    sum_of_squares: optax.Updates  # float32 pytree like params: v_t
-
-
-def scale_by_adagrad_tau(b1: float = 0.9, eps: float = 1e-2) -> optax.GradientTransformation:
-    """Reddi et al.'s FedAdagrad direction ``m_t / (sqrt(v_t) + tau)``.
-
-    ``m_t = b1 m_{t-1} + (1 - b1) g_t`` and ``v_t = v_{t-1} + g_t^2`` with
-    ``v_{-1} = tau^2`` (Algorithm 2 of the paper). ``optax.adagrad`` differs:
-    it has no momentum and puts eps inside the square root.
-    """
-
-    def init_fn(params):
-        return ScaleByAdagradTauState(
-            momentum=jax.tree.map(jnp.zeros_like, params),
-            sum_of_squares=jax.tree.map(lambda p: jnp.full_like(p, eps**2), params),
-        )
-
-    def update_fn(updates, state, params=None):
-        del params
-        momentum = jax.tree.map(lambda m, g: b1 * m + (1 - b1) * g, state.momentum, updates)
-        squares = jax.tree.map(lambda v, g: v + g * g, state.sum_of_squares, updates)
-        direction = jax.tree.map(lambda m, v: m / (jnp.sqrt(v) + eps), momentum, squares)
-        return direction, ScaleByAdagradTauState(momentum, squares)
-
-    return optax.GradientTransformation(init_fn, update_fn)
 
 
 def fed_adagrad(
@@ -249,10 +276,9 @@ def fed_adagrad(
     b1: float = 0.9,
     eps: float = 1e-2,
 ) -> Algorithm:
-    """FedAdagrad (Reddi et al. 2020), defaults tuned there for EMNIST CNN."""
-    _adaptive_checks(server_learning_rate, eps)
+    """FedAdagrad (Reddi et al. 2020, Algorithm 2), defaults tuned there for EMNIST CNN."""
     return fed_avg(
         per_example_loss_fn,
         _sgd("client_learning_rate", client_learning_rate),
-        optax.chain(scale_by_adagrad_tau(b1, eps), optax.scale(-server_learning_rate)),
+        _adaptive_server("adagrad", "paper", server_learning_rate, b1, 0.0, eps),
     )

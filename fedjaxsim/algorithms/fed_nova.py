@@ -16,6 +16,11 @@ rescales the average by the effective number of steps
 with ``p_i`` the cohort weights normalised to sum to 1. For local SGD
 ``||a_i||_1 = tau_i``, so equal step counts give FedAvg exactly.
 
+FedNova is FedAvg (``fed_avg(...)._replace(...)``) whose clients send the
+normalised delta as their update and ``||a_i||_1`` on the side channel (a
+mean, so ``tau_eff`` comes out of the aggregator with the update's weights),
+and whose server scales the aggregate by ``tau_eff`` before its SGD step.
+
 ``||a_i||_1`` is tracked in the local state by running the local solver's
 linear recursion on a scalar shadow whose gradient is always 1: it equals the
 paper's closed forms for SGD (``tau``), heavy-ball momentum ``rho``
@@ -30,23 +35,13 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+import optax
 
-from fedjaxsim.algorithms.common import (
-    check_number,
-    divide,
-    num_real_examples,
-    sgd_step,
-    weighted_contribution,
-)
-from fedjaxsim.algorithms.fed_avg import masked_mean_loss
-from fedjaxsim.core.aggregators import tree_l2_norm
+from fedjaxsim.algorithms.fed_avg import fed_avg, local_loss_and_grads, step_stats
 from fedjaxsim.core.algorithm import Algorithm, ClientOutput
+from fedjaxsim.core.trees import sgd_step, tree_l2_norm, tree_scale, tree_subtract, tree_zeros_like
 from fedjaxsim.core.types import Params, PerExampleLossFn
-
-
-class FedNovaServerState(NamedTuple):
-    params: Params  # float32 pytree: the global model x
-    round: jax.Array  # int32[]: rounds completed
+from fedjaxsim.core.validation import InvalidArgument, check_real
 
 
 class FedNovaLocalState(NamedTuple):
@@ -56,11 +51,6 @@ class FedNovaLocalState(NamedTuple):
     step_norm: jax.Array  # float32[]: ||a||_1 so far (the scalar shadow's displacement)
     step_norm_momentum: jax.Array  # float32[]: the scalar shadow's momentum buffer
     num_steps: jax.Array  # int32[]: real local steps taken so far (tau)
-
-
-class FedNovaUpdate(NamedTuple):
-    normalized_delta: Params  # float32 pytree like params: (x - y) / ||a||_1
-    step_norm: jax.Array  # float32[]: ||a||_1
 
 
 def fed_nova(
@@ -83,34 +73,33 @@ def fed_nova(
         ``mu >= 0`` with ``lr * mu < 1``.
 
     Returns:
-      An :class:`Algorithm` with :class:`FedNovaServerState`.
+      An :class:`Algorithm` with FedAvg's
+      :class:`~fedjaxsim.algorithms.fed_avg.ServerState`.
 
     Raises:
       ValueError: naming the first invalid hyper-parameter.
     """
-    check_number("client_learning_rate", client_learning_rate, minimum=0.0, strict=True)
-    check_number("server_learning_rate", server_learning_rate, minimum=0.0)
-    check_number("momentum", momentum, minimum=0.0, maximum=1.0)
-    check_number("proximal_mu", proximal_mu, minimum=0.0)
+    check_real("client_learning_rate", client_learning_rate, minimum=0.0, strict_minimum=True)
+    check_real("momentum", momentum, minimum=0.0, maximum=1.0, strict_maximum=True)
+    check_real("proximal_mu", proximal_mu, minimum=0.0)
     if client_learning_rate * proximal_mu >= 1.0:
-        raise ValueError(
+        raise InvalidArgument(
+            "proximal_mu",
             f"proximal_mu * client_learning_rate must be < 1 (the local solver diverges "
             f"otherwise), got proximal_mu={proximal_mu!r}, "
-            f"client_learning_rate={client_learning_rate!r}"
+            f"client_learning_rate={client_learning_rate!r}",
         )
-
-    def init(params: Params) -> FedNovaServerState:
-        return FedNovaServerState(params=params, round=jnp.zeros((), jnp.int32))
-
-    def broadcast(server_state: FedNovaServerState) -> Params:
-        return server_state.params
+    check_real("server_learning_rate", server_learning_rate, minimum=0.0)
+    base = fed_avg(
+        per_example_loss_fn, optax.sgd(client_learning_rate), optax.sgd(server_learning_rate)
+    )
 
     def client_init(server_params, client_state, rng) -> FedNovaLocalState:
         del client_state, rng
         zero = jnp.zeros((), jnp.float32)
         return FedNovaLocalState(
             params=server_params,
-            momentum=jax.tree.map(jnp.zeros_like, server_params),
+            momentum=tree_zeros_like(server_params),
             server_params=server_params,
             step_norm=zero,
             step_norm_momentum=zero,
@@ -118,72 +107,49 @@ def fed_nova(
         )
 
     def client_step(local: FedNovaLocalState, batch, mask, rng):
-        (_, loss_sum), grads = jax.value_and_grad(
-            lambda p: masked_mean_loss(per_example_loss_fn, p, batch, mask, rng), has_aux=True
-        )(local.params)
+        loss_sum, grads = local_loss_and_grads(per_example_loss_fn, local.params, batch, mask, rng)
         if proximal_mu:
             grads = jax.tree.map(
                 lambda g, y, x: g + proximal_mu * (y - x), grads, local.params, local.server_params
             )
         velocity = jax.tree.map(lambda m, g: momentum * m + g, local.momentum, grads)
-        params = sgd_step(local.params, velocity, client_learning_rate)
         # The same recursion on a scalar with unit gradient: its displacement
         # (in units of lr) is sum_k a_k = ||a||_1, since y - x is linear in g.
         shadow_gradient = 1.0 - client_learning_rate * proximal_mu * local.step_norm
         shadow_momentum = momentum * local.step_norm_momentum + shadow_gradient
         new_local = FedNovaLocalState(
-            params=params,
+            params=sgd_step(local.params, velocity, client_learning_rate),
             momentum=velocity,
             server_params=local.server_params,
             step_norm=local.step_norm + shadow_momentum,
             step_norm_momentum=shadow_momentum,
             num_steps=local.num_steps + 1,
         )
-        return new_local, {"loss_sum": loss_sum, "num_examples": num_real_examples(mask)}
+        return new_local, step_stats(loss_sum, mask)
 
     def client_finalize(server_params, local: FedNovaLocalState) -> ClientOutput:
-        delta = jax.tree.map(jnp.subtract, server_params, local.params)
+        delta = tree_subtract(server_params, local.params)
         # A client with no real step (only padding lanes) has delta 0; keep 0/1.
         norm = jnp.where(local.step_norm > 0, local.step_norm, 1.0)
-        normalized = jax.tree.map(lambda d: d / norm, delta)
         return ClientOutput(
-            update=FedNovaUpdate(normalized, local.step_norm),
+            update=jax.tree.map(lambda d: d / norm, delta),
             metrics={
                 "update_norm": tree_l2_norm(delta),
                 "step_norm": local.step_norm,
                 "num_local_steps": local.num_steps.astype(jnp.float32),
             },
+            means={"step_norm": local.step_norm},
         )
 
-    def client_contribution(server_state, output: ClientOutput, weight, rng):
-        del server_state, rng
-        update: FedNovaUpdate = output.update
-        return weighted_contribution(
-            weight, {"normalized_delta": update.normalized_delta, "step_norm": update.step_norm}
-        )
+    def server_update(server_state, aggregate, rng):
+        effective_steps = aggregate.means["step_norm"]  # tau_eff
+        scaled = aggregate._replace(update=tree_scale(aggregate.update, effective_steps))
+        server_state, metrics = base.server_update(server_state, scaled, rng)
+        return server_state, dict(metrics, effective_num_steps=effective_steps)
 
-    def server_update(server_state: FedNovaServerState, reduced, rng):
-        del rng
-        total = reduced["weight"]
-        effective_steps = divide(reduced["weighted_step_norm"], total)  # tau_eff
-        direction = divide(reduced["weighted_normalized_delta"], total)
-        delta = jax.tree.map(lambda d: effective_steps * d, direction)
-        params = sgd_step(server_state.params, delta, server_learning_rate)
-        metrics = {
-            "total_weight": total,
-            "num_nonfinite_updates": reduced["num_nonfinite_updates"],
-            "effective_num_steps": effective_steps,
-            "server_update_norm": tree_l2_norm(delta),
-        }
-        return FedNovaServerState(params, server_state.round + 1), metrics
-
-    return Algorithm(
-        init=init,
-        broadcast=broadcast,
+    return base._replace(
         client_init=client_init,
         client_step=client_step,
         client_finalize=client_finalize,
-        client_contribution=client_contribution,
         server_update=server_update,
-        reduction="sum",
     )

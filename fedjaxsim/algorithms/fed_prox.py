@@ -7,7 +7,7 @@ Client k approximately minimises ``F_k(w) + mu/2 * ||w - w_server||^2``
 (Algorithm 2 of the paper) with local steps of its optimizer, starting from
 the server model; the proximal term keeps heterogeneous clients from drifting
 far from it, and ``mu = 0`` recovers FedAvg. The server combines the deltas
-``w_server - w_k`` like FedAvg (an aggregator, then an optax server
+``w_server - w_k`` like FedAvg (the aggregator, then an optax server
 transform).
 """
 
@@ -18,11 +18,12 @@ from typing import NamedTuple
 import jax
 import optax
 
-from fedjaxsim.algorithms.common import check_number, num_real_examples, squared_distance
-from fedjaxsim.algorithms.fed_avg import fed_avg, masked_mean_loss
-from fedjaxsim.core.aggregators import Aggregator
+from fedjaxsim.algorithms.fed_avg import fed_avg, step_stats
 from fedjaxsim.core.algorithm import Algorithm
+from fedjaxsim.core.losses import masked_mean_loss
+from fedjaxsim.core.trees import tree_squared_norm, tree_subtract
 from fedjaxsim.core.types import Params, PerExampleLossFn
+from fedjaxsim.core.validation import check_real
 
 
 class FedProxLocalState(NamedTuple):
@@ -36,7 +37,6 @@ def fed_prox(
     client_optimizer: optax.GradientTransformation,
     proximal_mu: float,
     server_optimizer: optax.GradientTransformation | None = None,
-    aggregator: Aggregator | None = None,
 ) -> Algorithm:
     """Builds FedProx.
 
@@ -47,7 +47,6 @@ def fed_prox(
       proximal_mu: ``mu >= 0``, the weight of ``mu/2 * ||w - w_server||^2``.
       server_optimizer: optax transform on the averaged delta; defaults to
         ``optax.sgd(1.0)`` (the server takes the weighted average model).
-      aggregator: defaults to the weighted mean.
 
     Returns:
       An :class:`Algorithm` whose server state is
@@ -57,11 +56,11 @@ def fed_prox(
     Raises:
       ValueError: if ``proximal_mu`` is negative or not finite.
     """
-    check_number("proximal_mu", proximal_mu, minimum=0.0)
+    check_real("proximal_mu", proximal_mu, minimum=0.0)
     # The server side (init, broadcast, aggregation, server step) and the
     # finalisation (delta = w_server - w_k) are FedAvg's; only the local
     # objective and the local state, which carries w_server, differ.
-    base = fed_avg(per_example_loss_fn, client_optimizer, server_optimizer, aggregator)
+    base = fed_avg(per_example_loss_fn, client_optimizer, server_optimizer)
 
     def client_init(server_params, client_state, rng) -> FedProxLocalState:
         del client_state, rng
@@ -69,7 +68,7 @@ def fed_prox(
 
     def local_objective(params, server_params, batch, mask, rng):
         mean_loss, loss_sum = masked_mean_loss(per_example_loss_fn, params, batch, mask, rng)
-        proximal = 0.5 * proximal_mu * squared_distance(params, server_params)
+        proximal = 0.5 * proximal_mu * tree_squared_norm(tree_subtract(params, server_params))
         return mean_loss + proximal, loss_sum
 
     def client_step(local: FedProxLocalState, batch, mask, rng):
@@ -78,7 +77,6 @@ def fed_prox(
         )
         updates, opt_state = client_optimizer.update(grads, local.opt_state, local.params)
         params = optax.apply_updates(local.params, updates)
-        stats = {"loss_sum": loss_sum, "num_examples": num_real_examples(mask)}
-        return FedProxLocalState(params, opt_state, local.server_params), stats
+        return FedProxLocalState(params, opt_state, local.server_params), step_stats(loss_sum, mask)
 
     return base._replace(client_init=client_init, client_step=client_step)

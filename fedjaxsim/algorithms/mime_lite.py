@@ -21,7 +21,9 @@ its local steps (the example-weighted mean of the per-batch gradients at
     s <- V(weighted_mean_i grad f_i(x), s)   # optax: _, s = tx.update(grad, s, x)
 
 ``server_lr = 1`` makes ``x`` the weighted average of the client models, as
-in the paper.
+in the paper. The full-batch gradient rides the side channel as a mean with
+the update's weights, so an aggregator that privatises the update covers it
+too.
 """
 
 from __future__ import annotations
@@ -32,22 +34,26 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from fedjaxsim.algorithms.common import (
-    check_number,
-    divide,
-    num_real_examples,
-    sgd_step,
-    weighted_contribution,
-)
-from fedjaxsim.algorithms.fed_avg import masked_mean_loss
-from fedjaxsim.core.aggregators import tree_l2_norm
+from fedjaxsim.algorithms.fed_avg import local_loss_and_grads, step_stats
+from fedjaxsim.core.aggregators import weighted_mean
 from fedjaxsim.core.algorithm import Algorithm, ClientOutput
-from fedjaxsim.core.types import Params, PerExampleLossFn
+from fedjaxsim.core.losses import masked_mean_loss
+from fedjaxsim.core.trees import (
+    sgd_step,
+    tree_add,
+    tree_l2_norm,
+    tree_subtract,
+    tree_where,
+    tree_zeros_like,
+)
+from fedjaxsim.core.types import Params, PerExampleLossFn, PyTree
+from fedjaxsim.core.validation import check_real
 
 
 class MimeLiteServerState(NamedTuple):
     params: Params  # float32 pytree: the global model x
     opt_state: optax.OptState  # base optimizer state s, updated on the server only
+    aggregator_state: PyTree  # the aggregator's state
     round: jax.Array  # int32[]: rounds completed
 
 
@@ -60,15 +66,8 @@ class MimeLiteLocalState(NamedTuple):
     params: Params  # float32 pytree like params: the client's model y
     server_params: Params  # float32 pytree like params: x, where the full-batch gradient is taken
     server_opt_state: optax.OptState  # s, applied but never updated locally
-    server_gradient_sum: (
-        Params  # float32 pytree like params: sum over real examples of grad loss(x)
-    )
+    server_gradient_sum: Params  # float32 pytree like params: sum over real examples of grad loss(x)
     num_examples: jax.Array  # float32[]: real examples in server_gradient_sum
-
-
-class MimeLiteUpdate(NamedTuple):
-    delta: Params  # float32 pytree like params: x - y
-    server_gradient: Params  # float32 pytree like params: the client's mean gradient at x
 
 
 def mime_lite(
@@ -91,12 +90,14 @@ def mime_lite(
     Raises:
       ValueError: for a negative or non-finite ``server_learning_rate``.
     """
-    check_number("server_learning_rate", server_learning_rate, minimum=0.0)
+    check_real("server_learning_rate", server_learning_rate, minimum=0.0)
+    aggregator = weighted_mean()
 
     def init(params: Params) -> MimeLiteServerState:
         return MimeLiteServerState(
             params=params,
             opt_state=base_optimizer.init(params),
+            aggregator_state=aggregator.init(params),
             round=jnp.zeros((), jnp.int32),
         )
 
@@ -109,14 +110,12 @@ def mime_lite(
             params=server.params,
             server_params=server.params,
             server_opt_state=server.opt_state,
-            server_gradient_sum=jax.tree.map(jnp.zeros_like, server.params),
+            server_gradient_sum=tree_zeros_like(server.params),
             num_examples=jnp.zeros((), jnp.float32),
         )
 
     def client_step(local: MimeLiteLocalState, batch, mask, rng):
-        (_, loss_sum), grads = jax.value_and_grad(
-            lambda p: masked_mean_loss(per_example_loss_fn, p, batch, mask, rng), has_aux=True
-        )(local.params)
+        loss_sum, grads = local_loss_and_grads(per_example_loss_fn, local.params, batch, mask, rng)
         # The frozen server state: the optimizer's new state is discarded.
         updates, _ = base_optimizer.update(grads, local.server_opt_state, local.params)
         params = optax.apply_updates(local.params, updates)
@@ -125,52 +124,41 @@ def mime_lite(
         server_gradient = jax.grad(
             lambda p: masked_mean_loss(per_example_loss_fn, p, batch, mask, rng)[1]
         )(local.server_params)
-        count = num_real_examples(mask)
+        stats = step_stats(loss_sum, mask)
         new_local = local._replace(
             params=params,
-            server_gradient_sum=jax.tree.map(jnp.add, local.server_gradient_sum, server_gradient),
-            num_examples=local.num_examples + count,
+            server_gradient_sum=tree_add(local.server_gradient_sum, server_gradient),
+            num_examples=local.num_examples + stats["num_examples"],
         )
-        return new_local, {"loss_sum": loss_sum, "num_examples": count}
+        return new_local, stats
 
     def client_finalize(server: MimeLiteBroadcast, local: MimeLiteLocalState) -> ClientOutput:
-        delta = jax.tree.map(jnp.subtract, server.params, local.params)
+        delta = tree_subtract(server.params, local.params)
         server_gradient = jax.tree.map(
             lambda s: s / jnp.maximum(local.num_examples, 1.0), local.server_gradient_sum
         )
         return ClientOutput(
-            update=MimeLiteUpdate(delta, server_gradient),
+            update=delta,
             metrics={
                 "update_norm": tree_l2_norm(delta),
                 "server_gradient_norm": tree_l2_norm(server_gradient),
             },
+            means={"server_gradient": server_gradient},
         )
 
-    def client_contribution(server_state, output: ClientOutput, weight, rng):
-        del server_state, rng
-        update: MimeLiteUpdate = output.update
-        return weighted_contribution(
-            weight, {"delta": update.delta, "server_gradient": update.server_gradient}
-        )
-
-    def server_update(server_state: MimeLiteServerState, reduced, rng):
+    def server_update(server_state: MimeLiteServerState, aggregate, rng):
         del rng
-        total = reduced["weight"]
-        delta = divide(reduced["weighted_delta"], total)
-        gradient = divide(reduced["weighted_server_gradient"], total)
+        gradient = aggregate.means["server_gradient"]
         _, opt_state = base_optimizer.update(gradient, server_state.opt_state, server_state.params)
-        # An empty cohort (total weight 0) leaves the optimizer state alone too.
-        opt_state = jax.tree.map(
-            lambda new, old: jnp.where(total > 0, new, old), opt_state, server_state.opt_state
-        )
-        params = sgd_step(server_state.params, delta, server_learning_rate)
+        # An empty cohort (nothing to average) leaves the optimizer state alone too.
+        opt_state = tree_where(aggregate.weight > 0, opt_state, server_state.opt_state)
+        params = sgd_step(server_state.params, aggregate.update, server_learning_rate)
         metrics = {
-            "total_weight": total,
-            "num_nonfinite_updates": reduced["num_nonfinite_updates"],
-            "server_update_norm": tree_l2_norm(delta),
+            "server_update_norm": tree_l2_norm(aggregate.update),
             "server_gradient_norm": tree_l2_norm(gradient),
         }
-        return MimeLiteServerState(params, opt_state, server_state.round + 1), metrics
+        new_state = server_state._replace(params=params, opt_state=opt_state, round=server_state.round + 1)
+        return new_state, metrics
 
     return Algorithm(
         init=init,
@@ -178,7 +166,6 @@ def mime_lite(
         client_init=client_init,
         client_step=client_step,
         client_finalize=client_finalize,
-        client_contribution=client_contribution,
         server_update=server_update,
-        reduction="sum",
+        aggregator=aggregator,
     )

@@ -13,7 +13,11 @@ and returns (with ``L = 1 / lr``, the paper's Lipschitz estimate)::
     Delta_k = F_k^q dw_k
     h_k     = q F_k^(q-1) ||dw_k||^2 + L F_k^q
 
-and the server steps ``w <- w - sum_k Delta_k / sum_k h_k``.
+and the server steps ``w <- w - sum_k Delta_k / sum_k h_k``. Here ``Delta_k``
+is the client's update and ``h_k`` rides the side channel as a mean with the
+same weights, so the ratio of the two means is the paper's ratio of sums and
+q-FFL is FedAvg (``fed_avg(...)._replace(...)``) whose server divides the
+aggregate by ``h`` before its unit SGD step.
 
 ``F_k(w)`` is the mean loss over the examples of the client's local batches,
 evaluated at the server model during the same local steps (an extra forward
@@ -21,8 +25,8 @@ pass per step). Deviation from the paper: the sums are weighted by the
 cohort's weights (the paper samples clients with probability ``p_k`` and sums
 unweighted; pack with ``weighting="uniform"`` to get that form). As in the
 authors' code, ``F_k`` is offset by ``1e-10`` before the powers. Very large
-``F_k^q`` overflows float32; such a client is dropped and counted in
-``num_nonfinite_updates``.
+``F_k^q`` overflows float32; such a client is dropped by the aggregation and
+counted in ``num_nonfinite_updates``.
 """
 
 from __future__ import annotations
@@ -31,25 +35,17 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+import optax
 
-from fedjaxsim.algorithms.common import (
-    check_number,
-    num_real_examples,
-    sgd_step,
-    weighted_contribution,
-)
-from fedjaxsim.algorithms.fed_avg import masked_mean_loss
-from fedjaxsim.core.aggregators import tree_l2_norm
+from fedjaxsim.algorithms.fed_avg import fed_avg, local_loss_and_grads, step_stats
 from fedjaxsim.core.algorithm import Algorithm, ClientOutput
+from fedjaxsim.core.losses import masked_mean_loss
+from fedjaxsim.core.trees import sgd_step, tree_divide, tree_l2_norm, tree_squared_norm
 from fedjaxsim.core.types import Params, PerExampleLossFn
+from fedjaxsim.core.validation import check_real
 
 # Offset of the losses before the powers, as in the authors' implementation.
 LOSS_OFFSET = 1e-10
-
-
-class QFflServerState(NamedTuple):
-    params: Params  # float32 pytree: the global model w
-    round: jax.Array  # int32[]: rounds completed
 
 
 class QFflLocalState(NamedTuple):
@@ -57,11 +53,6 @@ class QFflLocalState(NamedTuple):
     server_params: Params  # float32 pytree like params: w, where F_k is measured
     server_loss_sum: jax.Array  # float32[]: sum over real examples of the loss at w
     num_examples: jax.Array  # float32[]: real examples in server_loss_sum
-
-
-class QFflUpdate(NamedTuple):
-    scaled_delta: Params  # float32 pytree like params: Delta_k = F_k^q L (w - w_k)
-    curvature: jax.Array  # float32[]: h_k
 
 
 def q_ffl(
@@ -81,23 +72,19 @@ def q_ffl(
         as in the paper.
 
     Returns:
-      An :class:`Algorithm` with :class:`QFflServerState`. Client metrics
+      An :class:`Algorithm` with FedAvg's
+      :class:`~fedjaxsim.algorithms.fed_avg.ServerState`. Client metrics
       include ``server_model_loss`` (``F_k`` at the server model).
 
     Raises:
       ValueError: naming the first invalid hyper-parameter.
     """
-    check_number("q", q, minimum=0.0)
-    check_number("client_learning_rate", client_learning_rate, minimum=0.0, strict=True)
+    check_real("q", q, minimum=0.0)
+    check_real("client_learning_rate", client_learning_rate, minimum=0.0, strict_minimum=True)
     if lipschitz_constant is None:
         lipschitz_constant = 1.0 / client_learning_rate
-    check_number("lipschitz_constant", lipschitz_constant, minimum=0.0, strict=True)
-
-    def init(params: Params) -> QFflServerState:
-        return QFflServerState(params=params, round=jnp.zeros((), jnp.int32))
-
-    def broadcast(server_state: QFflServerState) -> Params:
-        return server_state.params
+    check_real("lipschitz_constant", lipschitz_constant, minimum=0.0, strict_minimum=True)
+    base = fed_avg(per_example_loss_fn, optax.sgd(client_learning_rate), optax.sgd(1.0))
 
     def client_init(server_params, client_state, rng) -> QFflLocalState:
         del client_state, rng
@@ -105,20 +92,18 @@ def q_ffl(
         return QFflLocalState(server_params, server_params, zero, zero)
 
     def client_step(local: QFflLocalState, batch, mask, rng):
-        (_, loss_sum), grads = jax.value_and_grad(
-            lambda p: masked_mean_loss(per_example_loss_fn, p, batch, mask, rng), has_aux=True
-        )(local.params)
+        loss_sum, grads = local_loss_and_grads(per_example_loss_fn, local.params, batch, mask, rng)
         _, server_loss_sum = masked_mean_loss(
             per_example_loss_fn, local.server_params, batch, mask, rng
         )
-        count = num_real_examples(mask)
+        stats = step_stats(loss_sum, mask)
         new_local = QFflLocalState(
             params=sgd_step(local.params, grads, client_learning_rate),
             server_params=local.server_params,
             server_loss_sum=local.server_loss_sum + server_loss_sum,
-            num_examples=local.num_examples + count,
+            num_examples=local.num_examples + stats["num_examples"],
         )
-        return new_local, {"loss_sum": loss_sum, "num_examples": count}
+        return new_local, stats
 
     def client_finalize(server_params, local: QFflLocalState) -> ClientOutput:
         server_loss = local.server_loss_sum / jnp.maximum(local.num_examples, 1.0)
@@ -127,49 +112,25 @@ def q_ffl(
             lambda w, wk: lipschitz_constant * (w - wk), server_params, local.params
         )
         loss_power_q = jnp.power(loss, q)
-        scaled_delta = jax.tree.map(lambda d: loss_power_q * d, gradient_estimate)
         curvature = lipschitz_constant * loss_power_q
         if q:  # q F^(q-1) ||dw||^2; the term vanishes (exactly) at q = 0
-            squared_norm = jnp.square(tree_l2_norm(gradient_estimate))
-            curvature = curvature + q * jnp.power(loss, q - 1.0) * squared_norm
+            curvature = curvature + q * jnp.power(loss, q - 1.0) * tree_squared_norm(gradient_estimate)
         return ClientOutput(
-            update=QFflUpdate(scaled_delta, curvature),
+            update=jax.tree.map(lambda d: loss_power_q * d, gradient_estimate),
             metrics={
                 "server_model_loss": server_loss,
                 "update_norm": tree_l2_norm(gradient_estimate) / lipschitz_constant,
             },
+            means={"curvature": curvature},
         )
 
-    def client_contribution(server_state, output: ClientOutput, weight, rng):
-        del server_state, rng
-        update: QFflUpdate = output.update
-        return weighted_contribution(
-            weight, {"scaled_delta": update.scaled_delta, "curvature": update.curvature}
-        )
+    def server_update(server_state, aggregate, rng):
+        step = tree_divide(aggregate.update, aggregate.means["curvature"])
+        return base.server_update(server_state, aggregate._replace(update=step), rng)
 
-    def server_update(server_state: QFflServerState, reduced, rng):
-        del rng
-        curvature = reduced["weighted_curvature"]
-        safe_curvature = jnp.where(curvature > 0, curvature, 1.0)
-        step = jax.tree.map(
-            lambda d: jnp.where(curvature > 0, d / safe_curvature, 0.0).astype(d.dtype),
-            reduced["weighted_scaled_delta"],
-        )
-        params = jax.tree.map(jnp.subtract, server_state.params, step)
-        metrics = {
-            "total_weight": reduced["weight"],
-            "num_nonfinite_updates": reduced["num_nonfinite_updates"],
-            "server_update_norm": tree_l2_norm(step),
-        }
-        return QFflServerState(params, server_state.round + 1), metrics
-
-    return Algorithm(
-        init=init,
-        broadcast=broadcast,
+    return base._replace(
         client_init=client_init,
         client_step=client_step,
         client_finalize=client_finalize,
-        client_contribution=client_contribution,
         server_update=server_update,
-        reduction="sum",
     )

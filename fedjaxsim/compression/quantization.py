@@ -24,7 +24,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
-from fedjaxsim.privacy._validation import check_int
+from fedjaxsim.core.validation import check_int
 
 MIN_BITS = 1
 MAX_BITS = 16

@@ -13,13 +13,14 @@ With top-k, ``C`` keeps the ``k`` largest-magnitude coordinates of the
 flattened update (``k`` values and their indices are sent).
 
 :func:`with_error_feedback` wraps any :class:`~fedjaxsim.core.algorithm.Algorithm`
-whose ``ClientOutput.update`` is a float pytree (the ``fed_avg`` family's
-model delta). The residual is per-client state
-(:class:`ErrorFeedbackClientState`), kept between rounds by a
-``fedjaxsim.core.client_state.ClientStateStore`` (default
-:func:`initial_error_feedback_state`), gathered into ``round_fn``'s
-``client_states`` and scattered back from ``RoundOutput.client_states``.
-Compression runs in ``client_finalize``, per client under the engine's vmap.
+(its ``ClientOutput.update`` is a pytree like the params). The residual is
+per-client state (:class:`ErrorFeedbackClientState`), kept between rounds by
+a ``fedjaxsim.core.client_state.ClientStateStore`` whose default is the
+wrapped algorithm's ``initial_client_state(params)``, gathered into
+``round_fn``'s ``client_states`` and scattered back from
+``RoundOutput.client_states``. Compression runs in ``client_finalize``, per
+client under the engine's vmap. The side channel (SCAFFOLD's control delta,
+...) is sent as it is, and counted in ``bits_sent`` at 32 bits a value.
 """
 
 from __future__ import annotations
@@ -32,10 +33,10 @@ import jax
 import jax.numpy as jnp
 from jax.flatten_util import ravel_pytree
 
-from fedjaxsim.core.aggregators import tree_l2_norm
 from fedjaxsim.core.algorithm import Algorithm, ClientOutput
+from fedjaxsim.core.trees import tree_add, tree_l2_norm, tree_size, tree_zeros_like
 from fedjaxsim.core.types import PyTree
-from fedjaxsim.privacy._validation import check_int, check_real
+from fedjaxsim.core.validation import InvalidArgument, check_int, check_real
 
 # (flat float32[d], rng) -> (compressed float32[d], bits sent int or float32[])
 Compressor = Callable[[jax.Array, jax.Array], tuple[jax.Array, jax.Array]]
@@ -64,7 +65,7 @@ def initial_error_feedback_state(
         ``fed_avg`` family).
       inner: the wrapped algorithm's default client state (``()`` if stateless).
     """
-    return ErrorFeedbackClientState(inner, jax.tree.map(jnp.zeros_like, update_template))
+    return ErrorFeedbackClientState(inner, tree_zeros_like(update_template))
 
 
 def top_k(vector: jax.Array, k: int) -> jax.Array:
@@ -87,7 +88,9 @@ def top_k_compressor(*, k: int | None = None, fraction: float | None = None) -> 
       ValueError: naming ``k`` or ``fraction``.
     """
     if (k is None) == (fraction is None):
-        raise ValueError(f"give exactly one of k and fraction, got k={k!r}, fraction={fraction!r}")
+        raise InvalidArgument(
+            "k", f"give exactly one of k and fraction, got k={k!r}, fraction={fraction!r}"
+        )
     if k is not None:
         k = check_int("k", k, minimum=1)
     else:
@@ -98,7 +101,7 @@ def top_k_compressor(*, k: int | None = None, fraction: float | None = None) -> 
         size = vector.shape[0]
         kept = k if k is not None else max(1, math.ceil(fraction * size))
         if kept > size:
-            raise ValueError(f"k={kept} exceeds the update's {size} coordinates")
+            raise InvalidArgument("k", f"k={kept} exceeds the update's {size} coordinates")
         index_bits = max(1, math.ceil(math.log2(size))) if size > 1 else 1
         return top_k(vector, kept), jnp.asarray(kept * (VALUE_BITS + index_bits), jnp.float32)
 
@@ -114,8 +117,10 @@ def with_error_feedback(algorithm: Algorithm, compressor: Compressor) -> Algorit
 
     Returns:
       The wrapped :class:`Algorithm`, whose client state is
-      :class:`ErrorFeedbackClientState`. Client metrics gain ``bits_sent``,
-      ``uncompressed_bits`` and ``residual_norm`` (after the round).
+      :class:`ErrorFeedbackClientState` (``initial_client_state``: a zero
+      residual around the wrapped algorithm's own default). Client metrics
+      gain ``bits_sent``, ``uncompressed_bits`` and ``residual_norm`` (after
+      the round).
 
     Raises:
       ValueError: when the round is traced without an
@@ -139,23 +144,31 @@ def with_error_feedback(algorithm: Algorithm, compressor: Compressor) -> Algorit
 
     def client_finalize(broadcast, local: ErrorFeedbackLocalState) -> ClientOutput:
         output = algorithm.client_finalize(broadcast, local.inner)
-        corrected = jax.tree.map(jnp.add, output.update, local.residual)
-        flat, unravel = ravel_pytree(corrected)
+        flat, unravel = ravel_pytree(tree_add(output.update, local.residual))
         compressed_flat, bits = compressor(flat, jax.random.fold_in(local.rng, 0xEF))
-        compressed = unravel(compressed_flat)
         residual = unravel(flat - compressed_flat)
+        side_bits = VALUE_BITS * tree_size((output.means, output.sums))
         metrics = dict(
             output.metrics,
-            bits_sent=jnp.asarray(bits, jnp.float32),
-            uncompressed_bits=jnp.asarray(VALUE_BITS * flat.shape[0], jnp.float32),
+            bits_sent=jnp.asarray(bits, jnp.float32) + side_bits,
+            uncompressed_bits=jnp.asarray(VALUE_BITS * flat.shape[0] + side_bits, jnp.float32),
             residual_norm=tree_l2_norm(residual),
         )
-        return ClientOutput(
-            update=compressed,
+        return output._replace(
+            update=unravel(compressed_flat),
             client_state=ErrorFeedbackClientState(output.client_state, residual),
             metrics=metrics,
         )
 
+    inner_initial_state = algorithm.initial_client_state
+
+    def initial_client_state(params) -> ErrorFeedbackClientState:
+        inner = () if inner_initial_state is None else inner_initial_state(params)
+        return initial_error_feedback_state(params, inner)
+
     return algorithm._replace(
-        client_init=client_init, client_step=client_step, client_finalize=client_finalize
+        client_init=client_init,
+        client_step=client_step,
+        client_finalize=client_finalize,
+        initial_client_state=initial_client_state,
     )

@@ -1,17 +1,34 @@
-"""Aggregators: how stacked per-client updates become one server update.
+"""The one aggregation path: how clients' messages become the server's input.
 
-Shaped like optax's experimental ``Aggregator``: an ``init`` over a params-like
-template and pure functions over arrays. An aggregator is split in two so
-that the engine can stream it over client chunks without holding every
-client's update at once:
+Every algorithm's client half ends in a :class:`ClientPayload`: the model
+``update`` (a pytree like the params) and a declared side channel of
+quantities the server needs besides it (SCAFFOLD's control-variate delta,
+FedNova's step normaliser, q-FFL's curvature ``h``, Mime-Lite's full-batch
+gradient). Every algorithm's server half receives an :class:`Aggregate`.
+Between the two sits one :class:`Aggregator`, so that clipping and DP noise,
+robust rules, compression and secure aggregation compose with every
+algorithm. The side channel is derived from client data too, so it never
+goes around the aggregator: DP clips and noises the joint message, secure
+aggregation masks it, compression encodes it.
 
-* ``client_transform(update, weight, state, rng)`` runs per client under vmap
-  and returns a contribution pytree;
-* the engine reduces contributions over the client axis (``"sum"``, streamed
-  chunk by chunk, or ``"stack"``, which keeps ``[num_clients, ...]`` for order
-  statistics such as the median);
-* ``finalize(reduced, state, rng)`` turns the reduction into
-  ``(aggregate, new_state, metrics)`` on the server.
+An aggregator has the shape of ``optax.experimental.aggregating.Aggregator``
+(``init`` over a params template, then pure functions of per-client updates
+and state), split in two so that the engine can stream it over chunks of
+clients and over devices without holding every client's message:
+
+* ``client_transform(payload, weight, state, rng)`` runs per client under
+  vmap and returns a :class:`Contribution`: a ``summed`` part the engine adds
+  up over clients as they are trained, and a ``stacked`` part it keeps per
+  client (``[num_clients, ...]`` in cohort order) for order statistics such
+  as the median.
+* ``finalize(contributions, state, rng)`` turns the summed and stacked
+  contributions into ``(Aggregate, new_state, metrics)`` on the server.
+
+The rules that hold whatever the aggregator (:func:`client_contribution`,
+used by the engine and by :func:`aggregate_clients`): a client whose message
+holds NaN or Inf is dropped (weight 0, its message replaced by zeros, counted
+in ``num_nonfinite_updates``), and a client of weight 0 adds exactly zero to
+the summed part, so padding clients change nothing.
 """
 
 from __future__ import annotations
@@ -21,88 +38,139 @@ from typing import Callable, NamedTuple
 import jax
 import jax.numpy as jnp
 
+from fedjaxsim.core.trees import (
+    tree_divide,
+    tree_is_finite,
+    tree_scale,
+    tree_where,
+    tree_zeros_like,
+)
 from fedjaxsim.core.types import PyTree
 
 
+class ClientPayload(NamedTuple):
+    """What one client sends to the aggregator."""
+
+    update: PyTree  # pytree like params: the model delta (or what stands for it)
+    means: dict = {}  # side channel, name -> pytree: averaged with the update's weights
+    sums: dict = {}  # side channel, name -> pytree: summed over the clients counted
+
+
+class Contribution(NamedTuple):
+    """One client's share of an aggregate."""
+
+    summed: PyTree = ()  # added over clients, streamed over chunks and devices
+    stacked: PyTree = ()  # kept per client: [num_clients, ...] in cohort order
+
+
+class Aggregate(NamedTuple):
+    """What the server half of an algorithm receives."""
+
+    update: PyTree  # pytree like params: the combination of the clients' updates
+    means: dict  # side-channel means, as declared by the clients
+    sums: dict  # side-channel sums
+    weight: jax.Array  # float32[]: what the means were divided by (0: nothing to average)
+
+
 class Aggregator(NamedTuple):
-    init: Callable[[PyTree], PyTree]  # (params template) -> aggregator state
-    client_transform: Callable[..., PyTree]  # (update, weight, state, rng) -> contribution
-    finalize: Callable[..., tuple[PyTree, PyTree, dict]]  # (reduced, state, rng) -> (agg, state, metrics)
-    reduction: str = "sum"
+    """A streamed aggregator (see the module docstring)."""
+
+    init: Callable[[PyTree], PyTree]  # (params template) -> state
+    client_transform: Callable[..., Contribution]  # (payload, weight, state, rng) -> Contribution
+    finalize: Callable[..., tuple[Aggregate, PyTree, dict]]  # (contributions, state, rng)
 
 
-def tree_squared_norm(tree: PyTree) -> jax.Array:
-    """float32[]: the sum of squares of every element of every leaf.
+class WeightedPayload(NamedTuple):
+    """A payload ready to be summed over clients."""
 
-    Computed as dot products (``vdot``), not ``sum(square(x))``: XLA:CPU
-    rewrites large reductions into slow unfused reduce-windows, and these
-    norms run for every client of every round.
+    payload: ClientPayload  # update and means times the weight; sums as sent
+    weight: jax.Array  # float32[]: the weight
+
+
+def weigh(payload: ClientPayload, weight) -> WeightedPayload:
+    """The summable form of a payload: update and means times ``weight``."""
+    weight = jnp.asarray(weight, jnp.float32)
+    weighted = payload._replace(
+        update=tree_scale(payload.update, weight), means=tree_scale(payload.means, weight)
+    )
+    return WeightedPayload(weighted, weight)
+
+
+def average(summed: WeightedPayload, denominator=None) -> Aggregate:
+    """Divides summed update and means by ``denominator`` (default: the summed weight).
+
+    A zero denominator (an empty cohort) gives zeros, never a division by zero.
     """
-    total = jnp.zeros((), jnp.float32)
-    for leaf in jax.tree.leaves(tree):
-        flat = jnp.ravel(leaf).astype(jnp.float32)
-        total = total + jnp.vdot(flat, flat)
-    return total
+    denominator = summed.weight if denominator is None else denominator
+    payload = summed.payload
+    return Aggregate(
+        update=tree_divide(payload.update, denominator),
+        means=tree_divide(payload.means, denominator),
+        sums=payload.sums,
+        weight=jnp.asarray(denominator, jnp.float32),
+    )
 
 
-def tree_is_finite(tree: PyTree) -> jax.Array:
-    """bool[]: True when every element is finite and the squared L2 norm does
-    not overflow float32 (elements beyond about 1e19 count as diverged).
+def weighted_mean() -> Aggregator:
+    """The FedAvg aggregate: ``sum_i w_i u_i / sum_i w_i``, side means likewise.
 
-    It shares :func:`tree_squared_norm` with :func:`tree_l2_norm`, so a round
-    that reports update norms and checks finiteness computes it once.
-    """
-    return jnp.isfinite(tree_squared_norm(tree))
-
-
-def tree_l2_norm(tree: PyTree) -> jax.Array:
-    """float32[]: the global L2 norm of a pytree."""
-    return jnp.sqrt(tree_squared_norm(tree))
-
-
-def weighted_mean(skip_nonfinite: bool = True) -> Aggregator:
-    """The FedAvg aggregate: ``sum_i w_i u_i / sum_i w_i``.
-
-    Args:
-      skip_nonfinite: a client whose update holds NaN or Inf (a diverged
-        client) gets weight 0 instead of poisoning the average; the number of
-        such clients is reported as ``num_nonfinite_updates``. With False,
-        a NaN propagates into the server state.
-
-    A cohort whose total weight is zero yields a zero update (the server
-    state's params do not move), never a division by zero.
+    Metrics: ``total_weight``.
     """
 
-    def init(params):
-        del params
-        return ()
-
-    def client_transform(update, weight, state, rng):
+    def client_transform(payload, weight, state, rng):
         del state, rng
-        weight = jnp.asarray(weight, jnp.float32)
-        if skip_nonfinite:
-            finite = tree_is_finite(update)
-            weight = jnp.where(finite, weight, 0.0)
-            nonfinite = jnp.logical_not(finite).astype(jnp.float32)
-            # where, not multiply: 0 * NaN is NaN.
-            weighted = jax.tree.map(lambda u: jnp.where(finite, weight * u, 0.0), update)
-        else:
-            nonfinite = jnp.zeros((), jnp.float32)
-            weighted = jax.tree.map(lambda u: weight * u, update)
-        return {"weighted_update": weighted, "weight": weight, "num_nonfinite_updates": nonfinite}
+        return Contribution(summed=weigh(payload, weight))
 
-    def finalize(reduced, state, rng):
+    def finalize(contributions, state, rng):
         del rng
-        total = reduced["weight"]
-        safe_total = jnp.where(total > 0, total, 1.0)
-        aggregate = jax.tree.map(
-            lambda s: jnp.where(total > 0, s / safe_total, 0.0).astype(s.dtype),
-            reduced["weighted_update"],
-        )
-        metrics = {
-            "total_weight": total,
-            "num_nonfinite_updates": reduced["num_nonfinite_updates"],
-        }
-        return aggregate, state, metrics
+        summed = contributions.summed
+        return average(summed), state, {"total_weight": summed.weight}
 
-    return Aggregator(init=init, client_transform=client_transform, finalize=finalize)
+    return Aggregator(init=lambda params: (), client_transform=client_transform, finalize=finalize)
+
+
+class ClientShare(NamedTuple):
+    """One client's contribution after the rules every aggregator obeys."""
+
+    contribution: Contribution  # summed part exactly zero unless the client counts
+    used: jax.Array  # bool[]: weight > 0 and a finite message
+    nonfinite: jax.Array  # float32[]: 1 for a client of weight > 0 dropped as non-finite
+
+
+def client_contribution(
+    aggregator: Aggregator, payload: ClientPayload, weight, state, rng
+) -> ClientShare:
+    """One client's share under ``aggregator`` (module docstring: the rules)."""
+    weight = jnp.asarray(weight, jnp.float32)
+    finite = tree_is_finite(payload)
+    usable_weight = jnp.where(finite, weight, 0.0)
+    used = usable_weight > 0
+    payload = tree_where(finite, payload, tree_zeros_like(payload))
+    contribution = aggregator.client_transform(payload, usable_weight, state, rng)
+    summed = tree_where(used, contribution.summed, tree_zeros_like(contribution.summed))
+    nonfinite = jnp.logical_and(weight > 0, ~finite).astype(jnp.float32)
+    return ClientShare(contribution._replace(summed=summed), used, nonfinite)
+
+
+def aggregate_clients(
+    aggregator: Aggregator, payloads: ClientPayload, weights, state, rng
+) -> tuple[Aggregate, PyTree, dict]:
+    """The aggregator in one call over stacked per-client payloads.
+
+    optax's ``Aggregator.update`` form: ``payloads`` has leaves
+    ``[num_clients, ...]`` and ``weights`` is ``float32[num_clients]``. The
+    engine streams the same functions instead; this form is for users and
+    tests that hold every client's message.
+
+    Returns:
+      ``(aggregate, new_state, metrics)``, metrics with ``num_nonfinite_updates``.
+    """
+    num_clients = jnp.shape(weights)[0]
+    rngs = jax.vmap(jax.random.fold_in, in_axes=(None, 0))(rng, jnp.arange(num_clients))
+    shares = jax.vmap(
+        lambda payload, weight, key: client_contribution(aggregator, payload, weight, state, key)
+    )(payloads, weights, rngs)
+    summed = jax.tree.map(lambda leaf: jnp.sum(leaf, axis=0), shares.contribution.summed)
+    contributions = Contribution(summed, shares.contribution.stacked)
+    aggregate, state, metrics = aggregator.finalize(contributions, state, rng)
+    return aggregate, state, dict(metrics, num_nonfinite_updates=jnp.sum(shares.nonfinite))

@@ -11,9 +11,11 @@ import dataclasses
 import math
 from collections.abc import Mapping, Sequence
 
+import jax
 import numpy as np
 
 from fedjaxsim.core.client_batch import Cohort
+from fedjaxsim.core.validation import check_int
 
 # Domain tag mixed into per-client shuffling seeds, so that shuffling never
 # reuses the stream that cohort sampling draws from (see sampling.py).
@@ -105,6 +107,18 @@ class PackingConfig:
             granule = max(1, 1 << max(0, (num_steps - 1).bit_length() - 4))
             return -(-num_steps // granule) * granule
         return -(-num_steps // self.step_bucket) * self.step_bucket
+
+
+def default_num_lanes(backend: str | None = None, num_devices: int = 1) -> int | None:
+    """The measured default lane layout (``pack_cohort(num_lanes=...)``).
+
+    CPU: one lane per device, clients one after another in it, so that short
+    clients never idle through the longest one's steps and each device runs a
+    lone, unvmapped lane (benchmarks/RESULTS.md). Elsewhere ``None``: one
+    client per lane, vmapped in chunks.
+    """
+    backend = jax.default_backend() if backend is None else backend
+    return num_devices if backend == "cpu" else None
 
 
 def client_num_examples(client: Mapping[str, np.ndarray], client_id: int) -> int:
@@ -323,4 +337,95 @@ def pack_cohort(
         lane_clients=lane_clients,
         weight=weight,
         client_id=ids.astype(np.int32),
+    )
+
+
+TEST_FLAG = "is_test"
+
+
+def pack_fine_tune_then_test(
+    train_clients: Sequence[Mapping[str, np.ndarray]],
+    test_clients: Sequence[Mapping[str, np.ndarray]],
+    client_ids: Sequence[int],
+    *,
+    num_finetune_steps: int,
+    batch_size: int,
+    eval_batch_size: int | None = None,
+    seed: int = 0,
+    round_index: int = 0,
+    num_total_clients: int | None = None,
+) -> Cohort:
+    """One client per lane: ``k`` fine-tuning steps, then every test batch.
+
+    The layout of personalization evaluation
+    (``fedjaxsim.algorithms.personalization``): each client takes exactly
+    ``num_finetune_steps`` steps on its training data (re-shuffled epochs as
+    needed), then its test data follows in order, unshuffled, each example
+    flagged in the data field ``"is_test"``. Batches of the two phases are
+    padded to the larger batch size.
+
+    Args:
+      train_clients: per client, the arrays it fine-tunes on.
+      test_clients: per client (same order and fields), the arrays it is
+        evaluated on.
+      client_ids: population ids (shuffling seeds and per-client RNG).
+      num_finetune_steps: ``k >= 0`` local steps (0: evaluate only).
+      batch_size: fine-tuning batch size.
+      eval_batch_size: test batch size; defaults to ``batch_size``.
+      seed, round_index: shuffling seeds of the fine-tuning batches.
+      num_total_clients: population size; defaults to ``max(client_ids) + 1``.
+
+    Returns:
+      A Cohort of NumPy arrays with uniform weights, in the order of ``client_ids``.
+
+    Raises:
+      ValueError: for mismatched lengths or a negative step count, and
+        whatever :func:`pack_cohort` rejects.
+    """
+    if len(train_clients) != len(test_clients) or len(train_clients) != len(client_ids):
+        raise ValueError(
+            f"got {len(train_clients)} train clients, {len(test_clients)} test clients and "
+            f"{len(client_ids)} client ids; they must match"
+        )
+    check_int("num_finetune_steps", num_finetune_steps, minimum=0)
+    if num_total_clients is None:
+        num_total_clients = int(max(client_ids)) + 1
+    eval_batch_size = batch_size if eval_batch_size is None else eval_batch_size
+    common = dict(seed=seed, round_index=round_index, num_total_clients=num_total_clients)
+    test_config = PackingConfig(
+        batch_size=eval_batch_size, shuffle=False, step_bucket="exact", weighting="uniform"
+    )
+    phases = [(pack_cohort(test_clients, client_ids, test_config, **common), True)]
+    if num_finetune_steps:
+        fewest_batches = min(
+            math.ceil(len(next(iter(client.values()))) / batch_size) for client in train_clients
+        )
+        train_config = PackingConfig(
+            batch_size=batch_size,
+            num_epochs=math.ceil(num_finetune_steps / fewest_batches),
+            max_steps=num_finetune_steps,
+            step_bucket="exact",
+            weighting="uniform",
+        )
+        train = pack_cohort(
+            train_clients, client_ids, train_config, num_steps=num_finetune_steps, **common
+        )
+        phases.insert(0, (train, False))
+    widest = max(cohort.batch_size for cohort, _ in phases)
+
+    def widen(array):
+        padding = [(0, 0), (0, 0), (0, widest - array.shape[2])] + [(0, 0)] * (array.ndim - 3)
+        return np.pad(array, padding)
+
+    def joined(get):
+        return np.concatenate([widen(get(cohort, is_test)) for cohort, is_test in phases], axis=1)
+
+    data = {
+        name: joined(lambda cohort, _, name=name: cohort.data[name]) for name in phases[0][0].data
+    }
+    data[TEST_FLAG] = joined(lambda cohort, is_test: np.full(cohort.mask.shape, is_test))
+    mask = joined(lambda cohort, _: cohort.mask)
+    test = phases[-1][0]
+    return test._replace(
+        data=data, mask=mask, step_position=np.zeros(mask.shape[:2], np.int32)
     )

@@ -2,36 +2,68 @@
 
 from __future__ import annotations
 
-from fedjaxsim.models.conv import Conv, conv2d_valid, max_pool_2x2
+import jax
+
+from fedjaxsim.core.losses import classification_loss, squared_error_loss
+from fedjaxsim.models.conv import LOWERINGS, Conv, conv2d_valid, max_pool_2x2
 from fedjaxsim.models.model import (
     Model,
-    classification_loss,
     count_params,
     from_functions,
     from_linen,
     from_nnx,
-    squared_error_loss,
 )
 from fedjaxsim.models.zoo import DenseNet, EmnistCnn, LogisticRegression
 
 MODEL_NAMES = ("cnn", "dense", "logreg")
 
 
-def get_model(name: str, num_classes: int) -> Model:
-    """A built-in model by name: ``"cnn"``, ``"dense"`` or ``"logreg"``."""
+def default_lowering(backend: str | None = None) -> str:
+    """The measured default convolution lowering: patches, on CPU and GPU alike.
+
+    On XLA:CPU XLA's convolution gradient is about 14x slower inside a loop;
+    on an H200 the patches were 2.4-15x faster than the grouped convolutions
+    that vmap makes (benchmarks/RESULTS.md). TPUs were not measured.
+    """
+    del backend
+    return "patches"
+
+
+def get_model(
+    name: str, num_classes: int, lowering: str = "auto", backend: str | None = None
+) -> Model:
+    """A built-in model by name: ``"cnn"``, ``"dense"`` or ``"logreg"``.
+
+    Args:
+      name: the model.
+      num_classes: output classes (>= 2).
+      lowering: how convolutions are lowered: ``"patches"``, ``"lax"`` or
+        ``"auto"`` (:func:`default_lowering`). Every lowering computes the
+        same function of the same parameters; only speed differs.
+      backend: the backend the model will run on (default: JAX's default
+        backend). On CPU the dense and patch layers take their weight
+        gradients from plain dots (``models/dense.py``).
+    """
+    if lowering == "auto":
+        lowering = default_lowering(backend)
+    if lowering not in LOWERINGS:
+        raise ValueError(f"unknown lowering {lowering!r}; choose one of {(*LOWERINGS, 'auto')}")
+    if not isinstance(num_classes, int) or num_classes < 2:
+        raise ValueError(f"num_classes must be an int >= 2, got {num_classes!r}")
+    backend = jax.default_backend() if backend is None else backend
+    cpu_gradients = backend == "cpu" and lowering == "patches"
     modules = {
-        "cnn": lambda: EmnistCnn(num_classes=num_classes),
-        "dense": lambda: DenseNet(num_classes=num_classes),
-        "logreg": lambda: LogisticRegression(num_classes=num_classes),
+        "cnn": lambda: EmnistCnn(num_classes, lowering=lowering, cpu_gradients=cpu_gradients),
+        "dense": lambda: DenseNet(num_classes, cpu_gradients=cpu_gradients),
+        "logreg": lambda: LogisticRegression(num_classes, cpu_gradients=cpu_gradients),
     }
     if name not in modules:
         raise ValueError(f"unknown model {name!r}; choose one of {MODEL_NAMES}")
-    if not isinstance(num_classes, int) or num_classes < 2:
-        raise ValueError(f"num_classes must be an int >= 2, got {num_classes!r}")
     return from_linen(modules[name]())
 
 
 __all__ = [
+    "LOWERINGS",
     "MODEL_NAMES",
     "Conv",
     "DenseNet",
@@ -41,6 +73,7 @@ __all__ = [
     "classification_loss",
     "conv2d_valid",
     "count_params",
+    "default_lowering",
     "from_functions",
     "from_linen",
     "from_nnx",

@@ -4,9 +4,11 @@
 ``[kh, kw, in, out]`` and ``bias``) and computes the same function, lowered as
 either ``lax.conv_general_dilated`` or "patches": the ``kh * kw`` shifted
 slices of the input concatenated on the channel axis, then one matmul. On
-XLA:CPU the patches form avoids the slow convolution gradient inside
-``lax.scan`` and the grouped convolution that vmap over per-client kernels
-produces (see ``fedjaxsim.core.lowering``).
+XLA:CPU a convolution's gradient inside any loop runs about 14x slower (jax
+issue 12868) and vmap over per-client kernels becomes a grouped convolution,
+2-3x slower; the patches form avoids both, and was also faster than grouped
+convolutions on an H200 (benchmarks/RESULTS.md). The lowering is chosen when
+the model is built (``fedjaxsim.models.get_model``).
 """
 
 from __future__ import annotations
@@ -15,13 +17,23 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from fedjaxsim.core.lowering import current_conv_lowering
 from fedjaxsim.models.dense import affine
 
+LOWERINGS = ("patches", "lax")
 
-def conv2d_valid(inputs: jax.Array, kernel: jax.Array, lowering: str, bias: jax.Array | None = None) -> jax.Array:
+
+def conv2d_valid(
+    inputs: jax.Array,
+    kernel: jax.Array,
+    lowering: str,
+    bias: jax.Array | None = None,
+    cpu_gradients: bool = False,
+) -> jax.Array:
     """Stride-1 VALID 2-D convolution of NHWC ``inputs`` with an HWIO ``kernel``,
-    plus ``bias`` (per output channel) if given."""
+    plus ``bias`` (per output channel) if given.
+
+    ``cpu_gradients`` applies to the patches lowering (``models/dense.py``).
+    """
     if lowering == "lax":
         outputs = jax.lax.conv_general_dilated(
             inputs, kernel, window_strides=(1, 1), padding="VALID",
@@ -29,7 +41,7 @@ def conv2d_valid(inputs: jax.Array, kernel: jax.Array, lowering: str, bias: jax.
         )
         return outputs if bias is None else outputs + bias
     if lowering != "patches":
-        raise ValueError(f"unknown conv lowering {lowering!r}; use 'lax' or 'patches'")
+        raise ValueError(f"unknown conv lowering {lowering!r}; use one of {LOWERINGS}")
     kernel_h, kernel_w, in_features, out_features = kernel.shape
     out_h = inputs.shape[-3] - kernel_h + 1
     out_w = inputs.shape[-2] - kernel_w + 1
@@ -42,16 +54,17 @@ def conv2d_valid(inputs: jax.Array, kernel: jax.Array, lowering: str, bias: jax.
         ],
         axis=-1,
     )
-    # On CPU the kernel (and bias) gradients become plain dots (models/dense.py).
-    return affine(patches, kernel.reshape(kernel_h * kernel_w * in_features, out_features), bias, "patches")
+    weights = kernel.reshape(kernel_h * kernel_w * in_features, out_features)
+    return affine(patches, weights, bias, cpu_gradients)
 
 
 class Conv(nn.Module):
-    """Stride-1 VALID convolution whose lowering the execution plan picks."""
+    """Stride-1 VALID convolution lowered as ``lowering`` ("patches" or "lax")."""
 
     features: int
     kernel_size: tuple[int, int] = (3, 3)
-    lowering: str | None = None  # None: the plan's choice at trace time
+    lowering: str = "patches"
+    cpu_gradients: bool = False
 
     @nn.compact
     def __call__(self, inputs):
@@ -62,8 +75,13 @@ class Conv(nn.Module):
             (*self.kernel_size, in_features, self.features),
         )
         bias = self.param("bias", nn.initializers.zeros_init(), (self.features,))
-        lowering = current_conv_lowering() if self.lowering is None else self.lowering
-        return conv2d_valid(inputs, kernel.astype(inputs.dtype), lowering, bias.astype(inputs.dtype))
+        return conv2d_valid(
+            inputs,
+            kernel.astype(inputs.dtype),
+            self.lowering,
+            bias.astype(inputs.dtype),
+            self.cpu_gradients,
+        )
 
 
 def max_pool_2x2(inputs: jax.Array) -> jax.Array:

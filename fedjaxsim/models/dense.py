@@ -1,19 +1,16 @@
 """A dense layer whose gradients XLA:CPU computes with its fast kernels.
 
 The weight gradient of ``x @ w`` is ``x^T @ g``: a dot whose left operand is
-transposed. On XLA:CPU (jax 0.10.2) YNNPACK does not take that form and the dot
-falls back to Eigen, which made it the largest single cost of a small-batch
-training step (47 us of a 100 us logistic-regression step at batch 20). Under
-the "patches" lowering (the CPU plan) on the CPU backend, :func:`matmul` and
-:func:`affine` materialise ``x^T`` (or ``g^T``, whichever is smaller) behind an
-optimization barrier, so the weight gradient is a plain dot, and the bias
-gradient comes out of the same dot (a row of ones appended to ``x^T``) instead
-of a column reduction. Measured on the EMNIST CNN's step in a loop: the bias
-gradients as XLA reductions took 4 ms of 27 ms (the first convolution's one
-re-ran the whole input-gradient fusion); with the dot and ``g^T`` for the
-second convolution a step went from 20.9 to 16.3-17.6 ms (benchmarks/RESULTS.md).
-Elsewhere it is plain ``x @ w (+ b)``: GPU matmul libraries take transposed
-operands, and the copy would only cost bandwidth.
+transposed. On XLA:CPU (jax 0.10.2) YNNPACK does not take that form and the
+dot falls back to Eigen, which made it the largest single cost of a
+small-batch training step. With ``cpu_gradients`` (what :func:`get_model`
+picks on the CPU backend), :func:`affine` materialises ``x^T`` (or ``g^T``,
+whichever is smaller) behind an optimization barrier, so the weight gradient
+is a plain dot, and the bias gradient comes out of the same dot (a row of
+ones appended to ``x^T``) instead of a column reduction. Elsewhere it is
+plain ``x @ w (+ b)``: GPU matmul libraries take transposed operands, and the
+copy would only cost bandwidth. The measurements behind this are in
+``benchmarks/RESULTS.md``.
 """
 
 from __future__ import annotations
@@ -21,8 +18,6 @@ from __future__ import annotations
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-
-from fedjaxsim.core.lowering import current_conv_lowering
 
 
 def _weight_gradient(rows, grad_rows, with_bias: bool):
@@ -32,11 +27,11 @@ def _weight_gradient(rows, grad_rows, with_bias: bool):
 
     Transposing ``rows`` (with a row of ones appended, so the same dot also
     yields the bias gradient) costs ``rows.size``; transposing ``grad_rows``
-    costs ``grad_rows.size`` plus the transpose of the [out, in] result. For
-    a patch convolution's patches ([11520, 288] against a [11520, 64]
-    gradient in the EMNIST CNN) the second is 4x fewer bytes. A bias gradient
-    as a dot also avoids XLA:CPU's column reduction, which re-ran the whole
-    input-gradient fusion of the layer below (2.9 ms of a 27 ms CNN step).
+    costs ``grad_rows.size`` plus the transpose of the [out, in] result, which
+    is 4x fewer bytes for a patch convolution's ``[11520, 288]`` patches
+    against a ``[11520, 64]`` gradient. A bias gradient as a dot also avoids
+    XLA:CPU's column reduction, which re-runs the input-gradient fusion of the
+    layer below.
     """
     num_rows, in_features = rows.shape
     out_features = grad_rows.shape[1]
@@ -76,33 +71,22 @@ def _affine_backward(residuals, g):
 affine_with_plain_gradients.defvjp(_affine_forward, _affine_backward)
 
 
-def uses_cpu_form(lowering: str | None = None) -> bool:
-    """Whether the plan in force asks for the CPU form ("patches" on CPU)."""
-    lowering = current_conv_lowering() if lowering is None else lowering
-    return lowering == "patches" and jax.default_backend() == "cpu"
-
-
-def affine(x: jax.Array, w: jax.Array, b: jax.Array | None, lowering: str | None = None) -> jax.Array:
-    """``x @ w (+ b)`` lowered for the plan in force ("patches" on CPU: the CPU form)."""
-    if uses_cpu_form(lowering):
+def affine(x: jax.Array, w: jax.Array, b: jax.Array | None, cpu_gradients: bool = False) -> jax.Array:
+    """``x @ w (+ b)``; with ``cpu_gradients`` its gradients are plain dots (module docstring)."""
+    if cpu_gradients:
         return affine_with_plain_gradients(x, w, b)
     return x @ w if b is None else x @ w + b
 
 
-def matmul(x: jax.Array, w: jax.Array, lowering: str | None = None) -> jax.Array:
-    """``x @ w`` lowered for the plan in force (:func:`affine` without a bias)."""
-    return affine(x, w, None, lowering)
-
-
 class Dense(nn.Module):
-    """``flax.linen.Dense`` (same parameters, names and initialisers) with the
-    plan's matmul lowering."""
+    """``flax.linen.Dense`` (same parameters, names and initialisers), with the
+    CPU form of the gradients when ``cpu_gradients``."""
 
     features: int
-    lowering: str | None = None
+    cpu_gradients: bool = False
 
     @nn.compact
     def __call__(self, inputs):
         kernel = self.param("kernel", nn.initializers.lecun_normal(), (inputs.shape[-1], self.features))
         bias = self.param("bias", nn.initializers.zeros_init(), (self.features,))
-        return affine(inputs, kernel.astype(inputs.dtype), bias.astype(inputs.dtype), self.lowering)
+        return affine(inputs, kernel.astype(inputs.dtype), bias.astype(inputs.dtype), self.cpu_gradients)

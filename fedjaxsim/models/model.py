@@ -3,7 +3,7 @@
 A :class:`Model` is a pair of pure functions over a params pytree:
 ``init(rng, sample_inputs) -> params`` and
 ``apply(params, inputs, rng, train) -> outputs``. Algorithms see only a
-per-example loss built from it (:func:`classification_loss`).
+per-example loss built from it (``fedjaxsim.core.losses.classification_loss``).
 """
 
 from __future__ import annotations
@@ -12,10 +12,6 @@ from typing import Callable, NamedTuple
 
 import flax.linen as nn
 import jax
-import jax.numpy as jnp
-import optax
-
-from fedjaxsim.core.types import PerExampleLossFn
 
 
 class Model(NamedTuple):
@@ -72,28 +68,6 @@ def from_nnx(module) -> Model:
 def from_functions(init: Callable, apply: Callable) -> Model:
     """A pure ``(init, apply)`` pair; ``apply(params, inputs, rng, train)``."""
     return Model(init, apply)
-
-
-def classification_loss(model: Model, input_key: str = "x", label_key: str = "y") -> PerExampleLossFn:
-    """Per-example softmax cross-entropy of ``model`` on integer labels."""
-
-    def per_example_loss(params, batch, rng):
-        logits = model.apply(params, batch[input_key], rng, True)
-        labels = jnp.asarray(batch[label_key], jnp.int32)
-        return optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), labels)
-
-    return per_example_loss
-
-
-def squared_error_loss(model: Model, input_key: str = "x", label_key: str = "y") -> PerExampleLossFn:
-    """Per-example ``0.5 * ||model(x) - y||^2`` for regression."""
-
-    def per_example_loss(params, batch, rng):
-        prediction = model.apply(params, batch[input_key], rng, True)
-        residual = prediction - batch[label_key]
-        return 0.5 * jnp.sum(residual.reshape(residual.shape[0], -1) ** 2, axis=-1)
-
-    return per_example_loss
 
 
 def count_params(params) -> int:

@@ -32,21 +32,23 @@ class EmnistCnn(nn.Module):
     """
 
     num_classes: int = 62
-    conv_lowering: str | None = None  # None: the execution plan's choice
+    lowering: str = "patches"  # of the convolutions: "patches" or "lax"
+    cpu_gradients: bool = False  # gradients as plain dots (models/dense.py)
 
     @nn.compact
     def __call__(self, x, train: bool = False):
         x = as_float_pixels(x)
         if x.ndim == 3:  # [batch, h, w] -> [batch, h, w, 1]
             x = x[..., None]
-        x = nn.relu(Conv(32, lowering=self.conv_lowering)(x))
-        x = nn.relu(Conv(64, lowering=self.conv_lowering)(x))
+        conv = dict(lowering=self.lowering, cpu_gradients=self.cpu_gradients)
+        x = nn.relu(Conv(32, **conv)(x))
+        x = nn.relu(Conv(64, **conv)(x))
         x = max_pool_2x2(x)
         x = nn.Dropout(0.25, deterministic=not train)(x)
         x = x.reshape(x.shape[0], -1)
-        x = nn.relu(Dense(128)(x))
+        x = nn.relu(Dense(128, self.cpu_gradients)(x))
         x = nn.Dropout(0.5, deterministic=not train)(x)
-        return Dense(self.num_classes)(x)
+        return Dense(self.num_classes, self.cpu_gradients)(x)
 
 
 class DenseNet(nn.Module):
@@ -54,23 +56,25 @@ class DenseNet(nn.Module):
 
     num_classes: int = 62
     hidden: int = 200
+    cpu_gradients: bool = False  # gradients as plain dots (models/dense.py)
 
     @nn.compact
     def __call__(self, x, train: bool = False):
         del train
         x = as_float_pixels(x).reshape(x.shape[0], -1)
-        x = nn.relu(Dense(self.hidden)(x))
-        x = nn.relu(Dense(self.hidden)(x))
-        return Dense(self.num_classes)(x)
+        x = nn.relu(Dense(self.hidden, self.cpu_gradients)(x))
+        x = nn.relu(Dense(self.hidden, self.cpu_gradients)(x))
+        return Dense(self.num_classes, self.cpu_gradients)(x)
 
 
 class LogisticRegression(nn.Module):
     """A single dense layer over flattened features."""
 
     num_classes: int = 62
+    cpu_gradients: bool = False  # gradients as plain dots (models/dense.py)
 
     @nn.compact
     def __call__(self, x, train: bool = False):
         del train
         x = as_float_pixels(x).reshape(x.shape[0], -1)
-        return Dense(self.num_classes)(x)
+        return Dense(self.num_classes, self.cpu_gradients)(x)

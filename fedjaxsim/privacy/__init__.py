@@ -1,11 +1,12 @@
 """Differential privacy and secure aggregation for federated rounds.
 
 * :mod:`fedjaxsim.privacy.dp_fed_avg`: DP-FedAvg (McMahan et al. 2018) as an
-  aggregator: per-client clipping, Gaussian noise on the sum, fixed-denominator
-  estimator, adaptive clipping (Andrew et al. 2021), ``noise_cohort_size``.
+  aggregator for any algorithm: per-client clipping of the whole message,
+  Gaussian noise on the sum, fixed-denominator estimator, adaptive clipping
+  (Andrew et al. 2021), ``noise_cohort_size``.
 * :mod:`fedjaxsim.privacy.accounting`: epsilon with ``dp-accounting`` (RDP and
-  PLD) for Poisson and fixed-size sampling, per-round schedules, and the noise
-  multiplier for a target epsilon. Needs the ``privacy`` extra
+  PLD) for the sampler actually used (Poisson or fixed-size, no default),
+  per-round schedules, and the noise multiplier for a target epsilon. Needs the ``privacy`` extra
   (``pip install 'fedjaxsim[privacy]'``).
 * :mod:`fedjaxsim.privacy.secure_aggregation`: pairwise-mask secure
   aggregation (Bonawitz et al. 2017) in modular arithmetic, with dropouts.
@@ -15,6 +16,7 @@ from fedjaxsim.privacy.dp_fed_avg import (
     AdaptiveClipping,
     DpAggregatorState,
     EpsilonSchedule,
+    add_gaussian_noise,
     clip_by_global_norm,
     dp_fed_avg,
     dp_fed_avg_aggregator,
@@ -33,6 +35,7 @@ __all__ = [
     "DpAggregatorState",
     "EpsilonSchedule",
     "SecureAggregatorState",
+    "add_gaussian_noise",
     "clip_by_global_norm",
     "dp_fed_avg",
     "dp_fed_avg_aggregator",

@@ -6,7 +6,11 @@ of ``num_total_clients``, each sampled client's update is clipped to L2 norm
 ``C``, and Gaussian noise of standard deviation ``noise_multiplier * C`` is
 added to their sum. ``num_rounds`` rounds compose. This module turns that
 description into ``dp_accounting`` events and asks its accountants for
-epsilon at a given delta:
+epsilon at a given delta. Every function takes the sampler by name and has
+no default for it: fixed-size sampling (what ``sample_uniform`` and the
+runner do) costs far more epsilon than Poisson sampling of the same expected
+cohort (z = 1, 100 rounds, 50 of 1,000 clients, delta 1e-5: about 34 against
+about 4), so a default could only understate epsilon.
 
 * ``sampling="poisson"``: every client joins a round independently with
   probability ``q = cohort_size / num_total_clients`` (``cohort_size`` is the
@@ -49,7 +53,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from fedjaxsim.privacy._validation import check_choice, check_int, check_real
+from fedjaxsim.core.validation import check_choice, check_int, check_real
 from fedjaxsim.privacy.dp_fed_avg import EpsilonSchedule
 
 try:
@@ -85,7 +89,7 @@ def _check_sampling(
 
 
 def round_event(
-    noise_multiplier: float, *, cohort_size: int, num_total_clients: int, sampling: str = "poisson"
+    noise_multiplier: float, *, cohort_size: int, num_total_clients: int, sampling: str
 ) -> dp_accounting.DpEvent:
     """The ``dp_accounting`` event of one DP-FedAvg round (see the module doc).
 
@@ -147,7 +151,7 @@ def compute_epsilon(
     *,
     cohort_size: int,
     num_total_clients: int,
-    sampling: str = "poisson",
+    sampling: str,
     accountant: str = "rdp",
     pld_discretization: float = DEFAULT_PLD_DISCRETIZATION,
 ) -> float:
@@ -195,7 +199,7 @@ def epsilon_schedule(
     *,
     cohort_size: int,
     num_total_clients: int,
-    sampling: str = "poisson",
+    sampling: str,
     accountant: str = "rdp",
     pld_discretization: float = DEFAULT_PLD_DISCRETIZATION,
 ) -> EpsilonSchedule:
@@ -238,7 +242,7 @@ def find_noise_multiplier(
     *,
     cohort_size: int,
     num_total_clients: int,
-    sampling: str = "poisson",
+    sampling: str,
     accountant: str = "rdp",
     tolerance: float = 1e-4,
     pld_discretization: float = DEFAULT_PLD_DISCRETIZATION,

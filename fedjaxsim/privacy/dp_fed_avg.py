@@ -43,6 +43,11 @@ to the *average*: the noise on the sum is scaled by
 ``dp_noise_cohort_size`` (and ``dp_simulated_cohort_size``), and the privacy
 guarantee is the deployment's: account with ``cohort_size=noise_cohort_size``.
 
+The clipped vector is a client's whole message: its update and its side
+channel together (SCAFFOLD's control delta, FedNova's step normaliser, ...),
+so the aggregator privatises every algorithm, not only FedAvg. Side means are
+divided by the fixed denominator like the update; side sums are not.
+
 Everything per client (clipping, weights, clipped-count bits) runs in the
 aggregator's ``client_transform`` under the engine's vmap; contributions are
 plain sums (a padding or zero-weight client contributes exact zeros), so the
@@ -61,15 +66,11 @@ import numpy as np
 import optax
 
 from fedjaxsim.algorithms.fed_avg import fed_avg
-from fedjaxsim.core.aggregators import Aggregator, tree_l2_norm
-from fedjaxsim.core.algorithm import Algorithm
+from fedjaxsim.core.aggregators import Aggregator, Contribution, average, weigh
+from fedjaxsim.core.algorithm import Algorithm, with_aggregator
+from fedjaxsim.core.trees import tree_l2_norm, tree_scale
 from fedjaxsim.core.types import PerExampleLossFn, PyTree
-from fedjaxsim.privacy._validation import (
-    check_int,
-    check_real,
-    masked_scale,
-    usable_weight,
-)
+from fedjaxsim.core.validation import InvalidArgument, check_int, check_real
 
 
 class EpsilonSchedule(NamedTuple):
@@ -122,7 +123,18 @@ def clip_by_global_norm(update: PyTree, clip_norm) -> tuple[PyTree, jax.Array]:
     clip_norm = jnp.asarray(clip_norm, jnp.float32)
     over = norm > clip_norm
     scale = jnp.where(over, clip_norm / jnp.where(over, norm, 1.0), 1.0)
-    return jax.tree.map(lambda leaf: (scale * leaf).astype(leaf.dtype), update), norm
+    return tree_scale(update, scale), norm
+
+
+def add_gaussian_noise(tree: PyTree, stddev, rng: jax.Array) -> PyTree:
+    """``tree`` plus independent ``N(0, stddev^2)`` noise on every element."""
+    leaves, treedef = jax.tree.flatten(tree)
+    keys = jax.random.split(rng, len(leaves))
+    noised = [
+        leaf + (stddev * jax.random.normal(key, leaf.shape, jnp.float32)).astype(leaf.dtype)
+        for leaf, key in zip(leaves, keys)
+    ]
+    return jax.tree.unflatten(treedef, noised)
 
 
 def update_noise_multiplier(noise_multiplier: float, clipped_count_stddev: float) -> float:
@@ -141,9 +153,10 @@ def update_noise_multiplier(noise_multiplier: float, clipped_count_stddev: float
     if noise_multiplier == 0:
         return 0.0
     if not 2.0 * clipped_count_stddev > noise_multiplier:
-        raise ValueError(
+        raise InvalidArgument(
+            "clipped_count_stddev",
             f"clipped_count_stddev must exceed noise_multiplier / 2 = {noise_multiplier / 2!r} "
-            f"for adaptive clipping, got {clipped_count_stddev!r}"
+            f"for adaptive clipping, got {clipped_count_stddev!r}",
         )
     return (noise_multiplier**-2 - (2.0 * clipped_count_stddev) ** -2) ** -0.5
 
@@ -182,11 +195,10 @@ def dp_fed_avg_aggregator(
         NaN past the schedule's end) and ``dp_delta``.
 
     Returns:
-      A ``"sum"`` :class:`~fedjaxsim.core.aggregators.Aggregator` whose state
-      is :class:`DpAggregatorState`. Server metrics: ``dp_clip_norm`` (the C
+      An :class:`~fedjaxsim.core.aggregators.Aggregator` whose state is
+      :class:`DpAggregatorState`. Server metrics: ``dp_clip_norm`` (the C
       used), ``dp_noise_stddev_on_sum``, ``dp_noise_stddev_on_mean``,
-      ``dp_num_clients``, ``dp_num_clipped``, ``dp_clipped_fraction``,
-      ``num_nonfinite_updates``, plus ``dp_unclipped_fraction_estimate`` and
+      ``dp_num_clients``, ``dp_num_clipped``, ``dp_clipped_fraction``, plus ``dp_unclipped_fraction_estimate`` and
       ``dp_next_clip_norm`` with adaptive clipping, ``dp_noise_cohort_size``
       and ``dp_simulated_cohort_size`` with ``noise_cohort_size``, and
       ``dp_epsilon``/``dp_delta`` with a schedule.
@@ -206,8 +218,9 @@ def dp_fed_avg_aggregator(
     if weight_cap is not None:
         weight_cap = check_real("weight_cap", weight_cap, minimum=0.0, strict_minimum=True)
         if expected_total_weight is None:
-            raise ValueError(
-                "expected_total_weight (the fixed denominator qW) is required with weight_cap"
+            raise InvalidArgument(
+                "expected_total_weight",
+                "expected_total_weight (the fixed denominator qW) is required with weight_cap",
             )
     if expected_total_weight is None:
         expected_total_weight = expected_cohort_size
@@ -218,16 +231,17 @@ def dp_fed_avg_aggregator(
     if noise_cohort_size is not None:
         noise_cohort_size = check_int("noise_cohort_size", noise_cohort_size, minimum=1)
         if noise_cohort_size < expected_cohort_size:
-            raise ValueError(
+            raise InvalidArgument(
+                "noise_cohort_size",
                 f"noise_cohort_size must be >= expected_cohort_size ({expected_cohort_size!r}), "
-                f"got {noise_cohort_size!r}"
+                f"got {noise_cohort_size!r}",
             )
         noise_scale = expected_cohort_size / noise_cohort_size
     update_multiplier = noise_multiplier
     count_stddev = 0.0
     if adaptive_clipping is not None:
         if math.isinf(clip_norm):
-            raise ValueError("clip_norm must be finite with adaptive_clipping")
+            raise InvalidArgument("clip_norm", "clip_norm must be finite with adaptive_clipping")
         check_real(
             "adaptive_clipping.target_quantile",
             adaptive_clipping.target_quantile,
@@ -252,8 +266,9 @@ def dp_fed_avg_aggregator(
     if epsilon_schedule is not None:
         epsilons = jnp.asarray(epsilon_schedule.epsilons, jnp.float32)
         if epsilons.ndim != 1 or epsilons.shape[0] < 1:
-            raise ValueError(
-                f"epsilon_schedule.epsilons must be float[num_rounds], got shape {epsilons.shape}"
+            raise InvalidArgument(
+                "epsilon_schedule",
+                f"epsilon_schedule.epsilons must be float[num_rounds], got shape {epsilons.shape}",
             )
 
     def init(params):
@@ -267,47 +282,38 @@ def dp_fed_avg_aggregator(
             round=jnp.zeros((), jnp.int32),
         )
 
-    def client_transform(update, weight, state: DpAggregatorState, rng):
+    def client_transform(payload, weight, state: DpAggregatorState, rng):
         del rng
-        raw_weight = jnp.asarray(weight, jnp.float32)
-        weight = usable_weight(raw_weight, update)
         present = weight > 0
         if weight_cap is None:
             dp_weight = present.astype(jnp.float32)
         else:
             dp_weight = jnp.where(present, jnp.minimum(weight / weight_cap, 1.0), 0.0)
-        clipped, norm = clip_by_global_norm(update, state.clip_norm)
+        clipped, norm = clip_by_global_norm(payload, state.clip_norm)
         unclipped = jnp.logical_and(present, norm <= state.clip_norm)
-        as_float = lambda condition: condition.astype(jnp.float32)
-        return {
-            "clipped_sum": masked_scale(clipped, dp_weight, present),
-            "total_weight": dp_weight,
-            "num_clients": as_float(present),
-            "num_clipped": as_float(jnp.logical_and(present, ~unclipped)),
-            # Andrew et al. count b_k - 1/2 so that one user moves it by 1/2.
-            "centered_unclipped": jnp.where(present, as_float(unclipped) - 0.5, 0.0),
-            "num_nonfinite_updates": as_float(jnp.logical_and(raw_weight > 0, ~present)),
-        }
+        as_float = lambda condition: condition.astype(jnp.float32)  # noqa: E731
+        return Contribution(
+            summed={
+                "clients": weigh(clipped, dp_weight),
+                "num_clients": as_float(present),
+                "num_clipped": as_float(jnp.logical_and(present, ~unclipped)),
+                # Andrew et al. count b_k - 1/2 so that one user moves it by 1/2.
+                "centered_unclipped": jnp.where(present, as_float(unclipped) - 0.5, 0.0),
+            }
+        )
 
-    def finalize(reduced, state: DpAggregatorState, rng):
+    def finalize(contributions, state: DpAggregatorState, rng):
+        reduced = contributions.summed
         update_rng, count_rng = jax.random.split(rng)
+        clients = reduced["clients"]
         if update_multiplier > 0:
             noise_stddev = update_multiplier * noise_scale * state.clip_norm
+            clients = clients._replace(
+                payload=add_gaussian_noise(clients.payload, noise_stddev, update_rng)
+            )
         else:  # not 0 * C, which is NaN for an infinite C
             noise_stddev = jnp.zeros((), jnp.float32)
-        total = reduced["clipped_sum"]
-        if update_multiplier > 0:
-            leaves, treedef = jax.tree.flatten(total)
-            keys = jax.random.split(update_rng, len(leaves))
-            leaves = [
-                leaf
-                + (noise_stddev * jax.random.normal(key, leaf.shape, jnp.float32)).astype(
-                    leaf.dtype
-                )
-                for leaf, key in zip(leaves, keys)
-            ]
-            total = jax.tree.unflatten(treedef, leaves)
-        aggregate = jax.tree.map(lambda leaf: (leaf / state.denominator).astype(leaf.dtype), total)
+        aggregate = average(clients, state.denominator)
         num_clients = reduced["num_clients"]
         metrics = {
             "dp_clip_norm": state.clip_norm,
@@ -316,7 +322,6 @@ def dp_fed_avg_aggregator(
             "dp_num_clients": num_clients,
             "dp_num_clipped": reduced["num_clipped"],
             "dp_clipped_fraction": reduced["num_clipped"] / jnp.maximum(num_clients, 1.0),
-            "num_nonfinite_updates": reduced["num_nonfinite_updates"],
         }
         new_clip_norm = state.clip_norm
         if adaptive_clipping is not None:
@@ -344,9 +349,7 @@ def dp_fed_avg_aggregator(
         new_state = DpAggregatorState(new_clip_norm, state.denominator, state.round + 1)
         return aggregate, new_state, metrics
 
-    return Aggregator(
-        init=init, client_transform=client_transform, finalize=finalize, reduction="sum"
-    )
+    return Aggregator(init=init, client_transform=client_transform, finalize=finalize)
 
 
 def dp_fed_avg(
@@ -355,7 +358,7 @@ def dp_fed_avg(
     server_optimizer: optax.GradientTransformation | None = None,
     **dp_options,
 ) -> Algorithm:
-    """FedAvg (any optax client and server optimizers) with the DP-FedAvg aggregator.
+    """DP-FedAvg (McMahan et al. 2018): FedAvg with the DP-FedAvg aggregator.
 
     Args:
       per_example_loss_fn: ``(params, batch, rng) -> float32[batch_size]``.
@@ -366,12 +369,11 @@ def dp_fed_avg(
         (``clip_norm``, ``noise_multiplier``, ``expected_cohort_size``, ...).
 
     Returns:
-      :func:`fedjaxsim.algorithms.fed_avg.fed_avg` with that aggregator; the
-      DP state lives in ``ServerState.aggregator_state``.
+      ``with_aggregator(fed_avg(...), dp_fed_avg_aggregator(**dp_options))``;
+      the DP state lives in ``ServerState.aggregator_state``. Any other
+      algorithm is made private the same way.
     """
-    return fed_avg(
-        per_example_loss_fn,
-        client_optimizer,
-        server_optimizer,
-        aggregator=dp_fed_avg_aggregator(**dp_options),
+    return with_aggregator(
+        fed_avg(per_example_loss_fn, client_optimizer, server_optimizer),
+        dp_fed_avg_aggregator(**dp_options),
     )

@@ -35,6 +35,10 @@ sum of the survivors' quantized updates bit for bit, provided it does not
 overflow: ``num_clients * (2^(quantization_bits - 1) - 1) < 2^(b - 1)``,
 checked when the round is traced.
 
+The clipped, quantized and masked vector is the client's whole message: its
+update and its side channel together, so secure aggregation protects every
+algorithm's message, not only FedAvg's.
+
 Where each step runs: clipping and stochastic quantization are per client,
 in ``client_transform`` under the engine's vmap. Masking needs the cohort's
 roster (who is in ``U1``), which the aggregator contract does not give a
@@ -57,9 +61,10 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
-from fedjaxsim.core.aggregators import Aggregator
+from fedjaxsim.core.aggregators import Aggregate, Aggregator, Contribution
+from fedjaxsim.core.trees import tree_size, tree_where, tree_zeros_like
 from fedjaxsim.core.types import PyTree
-from fedjaxsim.privacy._validation import check_int, check_real, tree_size, usable_weight
+from fedjaxsim.core.validation import InvalidArgument, check_int, check_real
 from fedjaxsim.privacy.dp_fed_avg import clip_by_global_norm
 
 MIN_QUANTIZATION_BITS = 2
@@ -289,10 +294,10 @@ def secure_aggregator(
         measure of what masking costs.
 
     Returns:
-      A ``"stack"`` :class:`~fedjaxsim.core.aggregators.Aggregator`. Server
-      metrics: ``secagg_bits_per_client`` (masked payload, ``b`` bits per
-      coordinate), ``secagg_num_participants``, ``secagg_num_survivors``,
-      ``secagg_num_dropped``, ``secagg_aborted`` (0 or 1), ``num_nonfinite_updates``.
+      An :class:`~fedjaxsim.core.aggregators.Aggregator` with stacked
+      contributions. Server metrics: ``secagg_bits_per_client`` (masked
+      payload, ``b`` bits per coordinate), ``secagg_num_participants``,
+      ``secagg_num_survivors``, ``secagg_num_dropped``, ``secagg_aborted`` (0 or 1).
 
     Raises:
       ValueError: naming the parameter for a non-positive or infinite
@@ -323,30 +328,40 @@ def secure_aggregator(
         del params
         return SecureAggregatorState(round=jnp.zeros((), jnp.int32))
 
-    def client_transform(update, weight, state, rng):
+    def client_transform(payload, weight, state, rng):
         del state
-        raw_weight = jnp.asarray(weight, jnp.float32)
-        weight = usable_weight(raw_weight, update)
         joined = weight > 0
-        # A diverged client's NaNs would survive clipping; it sends zeros and
-        # does not join.
-        safe = jax.tree.map(lambda leaf: jnp.where(joined, leaf, 0.0), update)
-        clipped, _ = clip_by_global_norm(safe, clip_norm)
+        clipped, _ = clip_by_global_norm(payload, clip_norm)
         quantized = quantize_to_fixed_point(clipped, clip_norm, quantization_bits, rng)
-        return {
-            "quantized": jax.tree.map(lambda leaf: jnp.where(joined, leaf, 0), quantized),
-            "participant": joined,
-            "nonfinite": jnp.logical_and(raw_weight > 0, ~joined),
-        }
+        rows = tree_where(joined, quantized, tree_zeros_like(quantized))
+        return Contribution(stacked={"quantized": rows, "participant": joined})
 
-    def finalize(reduced, state, rng):
+    def decoded_aggregate(total, num_survivors, aborted):
+        """The decoded integer sum: update and means averaged over the survivors."""
+
+        def decode(tree, denominator):
+            return jax.tree.map(
+                lambda leaf: jnp.where(aborted, 0.0, leaf.astype(jnp.float32) / denominator), tree
+            )
+
+        mean_denominator = jnp.maximum(num_survivors, 1).astype(jnp.float32) * scale
+        return Aggregate(
+            update=decode(total.update, mean_denominator),
+            means=decode(total.means, mean_denominator),
+            sums=decode(total.sums, scale),
+            weight=jnp.where(aborted, 0.0, num_survivors.astype(jnp.float32)),
+        )
+
+    def finalize(contributions, state, rng):
+        reduced = contributions.stacked
         participants = reduced["participant"]
         num_rows = participants.shape[0]
         if num_rows * level_limit >= 1 << (modulus_bits - 1):
-            raise ValueError(
+            raise InvalidArgument(
+                "modulus_bits",
                 f"modulus_bits={modulus_bits} can overflow: {num_rows} clients times "
                 f"{level_limit} levels (quantization_bits={quantization_bits}) needs "
-                f"modulus_bits >= {math.ceil(math.log2(num_rows * level_limit + 1)) + 1}"
+                f"modulus_bits >= {math.ceil(math.log2(num_rows * level_limit + 1)) + 1}",
             )
         round_key, dropout_key = jax.random.split(rng)
         quantized = reduced["quantized"]
@@ -369,10 +384,6 @@ def secure_aggregator(
                 ),
                 quantized,
             )
-        denominator = jnp.maximum(num_survivors, 1).astype(jnp.float32) * scale
-        aggregate = jax.tree.map(
-            lambda leaf: jnp.where(aborted, 0.0, leaf.astype(jnp.float32) / denominator), total
-        )
         payload_bits = modulus_bits * tree_size(jax.tree.map(lambda leaf: leaf[0], quantized))
         metrics = {
             "secagg_bits_per_client": jnp.asarray(payload_bits, jnp.float32),
@@ -380,10 +391,8 @@ def secure_aggregator(
             "secagg_num_survivors": num_survivors.astype(jnp.float32),
             "secagg_num_dropped": (num_participants - num_survivors).astype(jnp.float32),
             "secagg_aborted": aborted.astype(jnp.float32),
-            "num_nonfinite_updates": jnp.sum(reduced["nonfinite"], dtype=jnp.float32),
         }
+        aggregate = decoded_aggregate(total, num_survivors, aborted)
         return aggregate, SecureAggregatorState(round=state.round + 1), metrics
 
-    return Aggregator(
-        init=init, client_transform=client_transform, finalize=finalize, reduction="stack"
-    )
+    return Aggregator(init=init, client_transform=client_transform, finalize=finalize)

@@ -3,11 +3,11 @@
 * :mod:`fedjaxsim.robust.aggregators`: coordinate-wise median and trimmed mean
   (Yin et al. 2018), Krum and Multi-Krum (Blanchard et al. 2017), norm
   bounding (Sun et al. 2019); each an
-  :class:`~fedjaxsim.core.aggregators.Aggregator` for ``fed_avg(aggregator=...)``.
+  :class:`~fedjaxsim.core.aggregators.Aggregator` for any algorithm
+  (``fedjaxsim.core.algorithm.with_aggregator``).
 * :mod:`fedjaxsim.robust.attacks`: sign flipping, scaled model replacement
   (Bagdasaryan et al. 2020) and label flipping (Tolpegin et al. 2020) by a
   fixed set of malicious clients, via :func:`with_attack`.
-* :mod:`fedjaxsim.robust.demo`: the digits demonstration of ``scripts/robust_demo.py``.
 """
 
 from fedjaxsim.robust.aggregators import (

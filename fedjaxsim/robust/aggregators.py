@@ -10,16 +10,18 @@
   Federated Learning?". arXiv:1911.07963, 2019.
 
 The order-statistic aggregators (median, trimmed mean, Krum) need every
-client's update at once, so they use the engine's ``"stack"`` reduction:
-``finalize`` receives ``[num_clients, ...]`` rows in cohort order. A row
-whose client weight is 0 (padding, or a client whose update is NaN/Inf) is
-ignored: it takes no part in any order statistic. Beyond that, weights are
-not used: these statistics are unweighted in the papers. With the client axis
-sharded, the rows are sharded and the sorts and sums over axis 0 become
-cross-device operations inserted by the compiler; the result is the same.
+client's update at once, so their contributions are stacked: ``finalize``
+receives ``[num_clients, ...]`` rows in cohort order. A row whose client
+does not count (weight 0: padding, or a client whose update is NaN/Inf) takes
+no part in any order statistic. Beyond that, weights are not used: these
+statistics are unweighted in the papers.
 
-Norm bounding is linear after the per-client clip, so it keeps the streamed
-``"sum"`` reduction and the usual weighted mean.
+The rules protect the model update. The side channel of the algorithm
+(SCAFFOLD's control delta, FedNova's normaliser, ...) is streamed as usual:
+weighted means and plain sums over the clients that count.
+
+Norm bounding is linear after the per-client clip of the whole message, so
+it is streamed like the weighted mean.
 """
 
 from __future__ import annotations
@@ -27,21 +29,18 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from fedjaxsim.core.aggregators import Aggregator
-from fedjaxsim.privacy._validation import check_int, check_real, masked_scale, usable_weight
+from fedjaxsim.core.aggregators import Aggregator, Contribution, average, weigh
+from fedjaxsim.core.validation import InvalidArgument, check_int, check_real
 from fedjaxsim.privacy.dp_fed_avg import clip_by_global_norm
 
 
-def _stack_transform(update, weight, state, rng):
-    """Per client: the update (zeros when absent) and whether the client counts."""
+def _stack_transform(payload, weight, state, rng):
+    """Per client: the update as a row and whether it counts; the side channel summed."""
     del state, rng
-    raw_weight = jnp.asarray(weight, jnp.float32)
-    present = usable_weight(raw_weight, update) > 0
-    return {
-        "update": masked_scale(update, 1.0, present),
-        "present": present,
-        "nonfinite": jnp.logical_and(raw_weight > 0, ~present),
-    }
+    return Contribution(
+        summed=weigh(payload._replace(update=()), weight),
+        stacked={"update": payload.update, "present": weight > 0},
+    )
 
 
 def _rows_mask(present: jax.Array, leaf: jax.Array) -> jax.Array:
@@ -54,11 +53,22 @@ def _sorted_present_first(leaf: jax.Array, present: jax.Array) -> jax.Array:
     return jnp.sort(jnp.where(_rows_mask(present, leaf), leaf, jnp.inf), axis=0)
 
 
-def _common_metrics(reduced, num_present):
-    return {
-        "robust_num_clients": num_present.astype(jnp.float32),
-        "num_nonfinite_updates": jnp.sum(reduced["nonfinite"], dtype=jnp.float32),
-    }
+def _stacked_aggregator(combine) -> Aggregator:
+    """An aggregator whose update is ``combine(rows, present, num_present)``.
+
+    ``combine`` returns ``(update, metrics)`` from the ``[num_clients, ...]``
+    update rows, whether each row counts, and how many do.
+    """
+
+    def finalize(contributions, state, rng):
+        del rng
+        present = contributions.stacked["present"]
+        num_present = jnp.sum(present, dtype=jnp.int32)
+        update, metrics = combine(contributions.stacked["update"], present, num_present)
+        aggregate = average(contributions.summed)._replace(update=update)
+        return aggregate, state, dict(metrics, robust_num_clients=num_present.astype(jnp.float32))
+
+    return Aggregator(init=lambda params: (), client_transform=_stack_transform, finalize=finalize)
 
 
 def coordinate_median() -> Aggregator:
@@ -68,33 +78,23 @@ def coordinate_median() -> Aggregator:
     values (as ``numpy.median``). No client gives a zero update.
 
     Returns:
-      A ``"stack"`` Aggregator with empty state; metrics ``robust_num_clients``
-      and ``num_nonfinite_updates``.
+      An Aggregator with empty state; metric ``robust_num_clients``.
     """
 
-    def finalize(reduced, state, rng):
-        del rng
-        present = reduced["present"]
-        num_present = jnp.sum(present, dtype=jnp.int32)
+    def median(rows, present, num_present):
         low = jnp.maximum(num_present - 1, 0) // 2
         high = num_present // 2
 
-        def median(leaf):
+        def leaf_median(leaf):
             ordered = _sorted_present_first(leaf, present)
             lower = jax.lax.dynamic_index_in_dim(ordered, low, axis=0, keepdims=False)
             upper = jax.lax.dynamic_index_in_dim(ordered, high, axis=0, keepdims=False)
             value = lower + (upper - lower) / 2  # no overflow, exact when equal
             return jnp.where(num_present > 0, value, 0.0).astype(leaf.dtype)
 
-        aggregate = jax.tree.map(median, reduced["update"])
-        return aggregate, state, _common_metrics(reduced, num_present)
+        return jax.tree.map(leaf_median, rows), {}
 
-    return Aggregator(
-        init=lambda params: (),
-        client_transform=_stack_transform,
-        finalize=finalize,
-        reduction="stack",
-    )
+    return _stacked_aggregator(median)
 
 
 def trimmed_mean(trim_fraction: float) -> Aggregator:
@@ -108,8 +108,8 @@ def trimmed_mean(trim_fraction: float) -> Aggregator:
       trim_fraction: ``beta`` in [0, 0.5); 0 is the plain (unweighted) mean.
 
     Returns:
-      A ``"stack"`` Aggregator with empty state; metrics ``robust_num_clients``,
-      ``trimmed_mean_num_trimmed`` (k, per side) and ``num_nonfinite_updates``.
+      An Aggregator with empty state; metrics ``robust_num_clients`` and
+      ``trimmed_mean_num_trimmed`` (k, per side).
 
     Raises:
       ValueError: naming ``trim_fraction`` when it is outside [0, 0.5), which
@@ -119,34 +119,22 @@ def trimmed_mean(trim_fraction: float) -> Aggregator:
         "trim_fraction", trim_fraction, minimum=0.0, maximum=0.5, strict_maximum=True
     )
 
-    def finalize(reduced, state, rng):
-        del rng
-        present = reduced["present"]
-        num_present = jnp.sum(present, dtype=jnp.int32)
+    def mean_of_middle(rows, present, num_present):
         num_trimmed = jnp.floor(trim_fraction * num_present.astype(jnp.float32)).astype(jnp.int32)
         num_kept = num_present - 2 * num_trimmed
         positions = jnp.arange(present.shape[0], dtype=jnp.int32)
-        kept_positions = jnp.logical_and(
-            positions >= num_trimmed, positions < num_present - num_trimmed
-        )
+        kept = jnp.logical_and(positions >= num_trimmed, positions < num_present - num_trimmed)
 
-        def mean_of_middle(leaf):
+        def leaf_mean(leaf):
             ordered = _sorted_present_first(leaf, present)
-            total = jnp.sum(jnp.where(_rows_mask(kept_positions, leaf), ordered, 0.0), axis=0)
+            total = jnp.sum(jnp.where(_rows_mask(kept, leaf), ordered, 0.0), axis=0)
             value = total / jnp.maximum(num_kept, 1).astype(total.dtype)
             return jnp.where(num_present > 0, value, 0.0).astype(leaf.dtype)
 
-        aggregate = jax.tree.map(mean_of_middle, reduced["update"])
-        metrics = _common_metrics(reduced, num_present)
-        metrics["trimmed_mean_num_trimmed"] = num_trimmed.astype(jnp.float32)
-        return aggregate, state, metrics
+        metrics = {"trimmed_mean_num_trimmed": num_trimmed.astype(jnp.float32)}
+        return jax.tree.map(leaf_mean, rows), metrics
 
-    return Aggregator(
-        init=lambda params: (),
-        client_transform=_stack_transform,
-        finalize=finalize,
-        reduction="stack",
-    )
+    return _stacked_aggregator(mean_of_middle)
 
 
 def pairwise_squared_distances(rows, present: jax.Array) -> jax.Array:
@@ -188,11 +176,11 @@ def krum(num_byzantine: int, num_selected: int = 1) -> Aggregator:
         ``n - f``.
 
     Returns:
-      A ``"stack"`` Aggregator with empty state. Metrics: ``robust_num_clients``,
+      An Aggregator with empty state. Metrics: ``robust_num_clients``,
       ``krum_num_selected``, ``krum_selected_index`` (cohort position of the
-      best-scoring update), ``krum_too_few_clients`` (1 when fewer than
+      best-scoring update) and ``krum_too_few_clients`` (1 when fewer than
       ``2f + 3`` clients were present, in which case the neighbour count is
-      clamped to ``max(n - f - 2, 0)``) and ``num_nonfinite_updates``.
+      clamped to ``max(n - f - 2, 0)``).
 
     Raises:
       ValueError: naming the parameter for a negative ``num_byzantine`` or a
@@ -203,23 +191,25 @@ def krum(num_byzantine: int, num_selected: int = 1) -> Aggregator:
     num_byzantine = check_int("num_byzantine", num_byzantine, minimum=0)
     num_selected = check_int("num_selected", num_selected, minimum=1)
 
-    def finalize(reduced, state, rng):
-        del rng
-        present = reduced["present"]
-        num_rows = present.shape[0]
+    def check_cohort(num_rows):
         if num_rows < 2 * num_byzantine + 3:
-            raise ValueError(
+            raise InvalidArgument(
+                "num_byzantine",
                 f"num_byzantine={num_byzantine} needs at least 2 * num_byzantine + 3 = "
-                f"{2 * num_byzantine + 3} clients per round for Krum, got a cohort of {num_rows}"
+                f"{2 * num_byzantine + 3} clients per round for Krum, got a cohort of {num_rows}",
             )
         if num_selected > num_rows - num_byzantine:
-            raise ValueError(
+            raise InvalidArgument(
+                "num_selected",
                 f"num_selected={num_selected} exceeds num_clients - num_byzantine = "
-                f"{num_rows - num_byzantine}"
+                f"{num_rows - num_byzantine}",
             )
-        num_present = jnp.sum(present, dtype=jnp.int32)
+
+    def average_best(rows, present, num_present):
+        num_rows = present.shape[0]
+        check_cohort(num_rows)
         num_neighbours = jnp.maximum(num_present - num_byzantine - 2, 0)
-        distances = jnp.sort(pairwise_squared_distances(reduced["update"], present), axis=1)
+        distances = jnp.sort(pairwise_squared_distances(rows, present), axis=1)
         positions = jnp.arange(num_rows, dtype=jnp.int32)
         nearest = positions[None, :] < num_neighbours
         scores = jnp.sum(jnp.where(nearest, distances, 0.0), axis=1)
@@ -233,19 +223,14 @@ def krum(num_byzantine: int, num_selected: int = 1) -> Aggregator:
             total = jnp.sum(jnp.where(_rows_mask(chosen, leaf), leaf, 0.0), axis=0)
             return (total / jnp.maximum(num_chosen, 1).astype(total.dtype)).astype(leaf.dtype)
 
-        aggregate = jax.tree.map(average_chosen, reduced["update"])
-        metrics = _common_metrics(reduced, num_present)
-        metrics["krum_num_selected"] = num_chosen.astype(jnp.float32)
-        metrics["krum_selected_index"] = order[0].astype(jnp.float32)
-        metrics["krum_too_few_clients"] = (num_present < 2 * num_byzantine + 3).astype(jnp.float32)
-        return aggregate, state, metrics
+        metrics = {
+            "krum_num_selected": num_chosen.astype(jnp.float32),
+            "krum_selected_index": order[0].astype(jnp.float32),
+            "krum_too_few_clients": (num_present < 2 * num_byzantine + 3).astype(jnp.float32),
+        }
+        return jax.tree.map(average_chosen, rows), metrics
 
-    return Aggregator(
-        init=lambda params: (),
-        client_transform=_stack_transform,
-        finalize=finalize,
-        reduction="stack",
-    )
+    return _stacked_aggregator(average_best)
 
 
 def multi_krum(num_byzantine: int, num_selected: int) -> Aggregator:
@@ -254,49 +239,37 @@ def multi_krum(num_byzantine: int, num_selected: int) -> Aggregator:
 
 
 def norm_bounded_mean(max_norm: float) -> Aggregator:
-    """Weighted mean of updates clipped to L2 norm ``max_norm`` (Sun et al. 2019).
+    """Weighted mean of messages clipped to L2 norm ``max_norm`` (Sun et al. 2019).
 
     Bounds what one client (e.g. a boosted model-replacement attacker) can
-    move the average by, at no privacy noise. A streamed ``"sum"`` aggregator.
+    move the average by, at no privacy noise. The whole message (update and
+    side channel) is clipped.
 
     Args:
       max_norm: ``M > 0``.
 
     Returns:
-      An Aggregator with empty state; metrics ``total_weight``,
-      ``norm_bound_num_clipped`` and ``num_nonfinite_updates``.
+      An Aggregator with empty state; metrics ``total_weight`` and
+      ``norm_bound_num_clipped``.
 
     Raises:
       ValueError: naming ``max_norm`` for a non-positive or infinite value.
     """
     max_norm = check_real("max_norm", max_norm, minimum=0.0, strict_minimum=True)
 
-    def client_transform(update, weight, state, rng):
+    def client_transform(payload, weight, state, rng):
         del state, rng
-        raw_weight = jnp.asarray(weight, jnp.float32)
-        weight = usable_weight(raw_weight, update)
-        present = weight > 0
-        clipped, norm = clip_by_global_norm(update, max_norm)
-        return {
-            "weighted_update": masked_scale(clipped, weight, present),
-            "weight": weight,
-            "num_clipped": jnp.logical_and(present, norm > max_norm).astype(jnp.float32),
-            "num_nonfinite_updates": jnp.logical_and(raw_weight > 0, ~present).astype(jnp.float32),
-        }
+        clipped, norm = clip_by_global_norm(payload, max_norm)
+        num_clipped = jnp.logical_and(weight > 0, norm > max_norm).astype(jnp.float32)
+        return Contribution(summed={"clients": weigh(clipped, weight), "num_clipped": num_clipped})
 
-    def finalize(reduced, state, rng):
+    def finalize(contributions, state, rng):
         del rng
-        total = reduced["weight"]
-        safe_total = jnp.where(total > 0, total, 1.0)
-        aggregate = jax.tree.map(
-            lambda leaf: jnp.where(total > 0, leaf / safe_total, 0.0).astype(leaf.dtype),
-            reduced["weighted_update"],
-        )
+        summed = contributions.summed
         metrics = {
-            "total_weight": total,
-            "norm_bound_num_clipped": reduced["num_clipped"],
-            "num_nonfinite_updates": reduced["num_nonfinite_updates"],
+            "total_weight": summed["clients"].weight,
+            "norm_bound_num_clipped": summed["num_clipped"],
         }
-        return aggregate, state, metrics
+        return average(summed["clients"]), state, metrics
 
     return Aggregator(init=lambda params: (), client_transform=client_transform, finalize=finalize)

@@ -35,8 +35,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from fedjaxsim.core.algorithm import Algorithm, ClientOutput
+from fedjaxsim.core.trees import tree_where
 from fedjaxsim.core.types import PyTree
-from fedjaxsim.privacy._validation import check_int, check_real
+from fedjaxsim.core.validation import check_int, check_real
 
 
 class Attack(NamedTuple):
@@ -187,16 +188,13 @@ def attack_client_states(
     return AttackClientState(inner=inner_states, malicious=flags)
 
 
-def _select(condition, on_true: PyTree, on_false: PyTree) -> PyTree:
-    return jax.tree.map(lambda a, b: jnp.where(condition, a, b), on_true, on_false)
-
-
 def with_attack(algorithm: Algorithm, attack: Attack) -> Algorithm:
     """Wraps ``algorithm`` so that clients flagged malicious carry out ``attack``.
 
     The wrapped algorithm's server side is unchanged; its client state becomes
     :class:`AttackClientState`, so ``round_fn`` must get ``client_states``
-    (:func:`attack_client_states`). Client metrics gain ``malicious`` (0 or 1).
+    (:func:`attack_client_states`; ``initial_client_state`` is an honest
+    client). Client metrics gain ``malicious`` (0 or 1).
 
     Args:
       algorithm: any algorithm record.
@@ -221,7 +219,7 @@ def with_attack(algorithm: Algorithm, attack: Attack) -> Algorithm:
 
     def client_step(local: AttackLocalState, batch, mask, rng):
         if attack.transform_batch is not None:
-            batch = _select(local.malicious, attack.transform_batch(batch), batch)
+            batch = tree_where(local.malicious, attack.transform_batch(batch), batch)
         inner, stats = algorithm.client_step(local.inner, batch, mask, rng)
         return local._replace(inner=inner), stats
 
@@ -229,13 +227,22 @@ def with_attack(algorithm: Algorithm, attack: Attack) -> Algorithm:
         output = algorithm.client_finalize(broadcast, local.inner)
         update = output.update
         if attack.transform_update is not None:
-            update = _select(local.malicious, attack.transform_update(update, broadcast), update)
-        return ClientOutput(
+            update = tree_where(local.malicious, attack.transform_update(update, broadcast), update)
+        return output._replace(
             update=update,
             client_state=AttackClientState(output.client_state, local.malicious),
             metrics=dict(output.metrics, malicious=local.malicious.astype(jnp.float32)),
         )
 
+    inner_initial_state = algorithm.initial_client_state
+
+    def initial_client_state(params) -> AttackClientState:
+        inner = () if inner_initial_state is None else inner_initial_state(params)
+        return AttackClientState(inner, jnp.zeros((), bool))
+
     return algorithm._replace(
-        client_init=client_init, client_step=client_step, client_finalize=client_finalize
+        client_init=client_init,
+        client_step=client_step,
+        client_finalize=client_finalize,
+        initial_client_state=initial_client_state,
     )

@@ -20,9 +20,9 @@ from collections.abc import Mapping, Sequence
 from typing import NamedTuple
 
 import jax
-import jax.numpy as jnp
 import numpy as np
-import optax
+
+from fedjaxsim.core.evaluation import classification_sums, client_distribution
 
 
 class ClientEvalBatches(NamedTuple):
@@ -76,56 +76,15 @@ def build_per_client_eval(apply_fn, clients_per_chunk: int | None = None):
         evaluates all at once.
     """
 
-    def evaluate_client(params, inputs, labels, mask):
-        def body(totals, batch):
-            x, y, m = batch
-            logits = apply_fn(params, x, None, False).astype(jnp.float32)
-            losses = optax.softmax_cross_entropy_with_integer_labels(logits, y)
-            correct = jnp.argmax(logits, axis=-1) == y
-            totals = {
-                "loss_sum": totals["loss_sum"] + jnp.sum(jnp.where(m, losses, 0.0)),
-                "num_correct": totals["num_correct"] + jnp.sum(correct & m, dtype=jnp.float32),
-                "num_examples": totals["num_examples"] + jnp.sum(m, dtype=jnp.float32),
-            }
-            return totals, None
-
-        zero = jnp.zeros((), jnp.float32)
-        init = {"loss_sum": zero, "num_correct": zero, "num_examples": zero}
-        totals, _ = jax.lax.scan(body, init, (inputs, labels, mask))
-        return totals
-
     @jax.jit
     def evaluate(params, batches: ClientEvalBatches):
-        per_client = lambda b: evaluate_client(params, *b)
+        per_client = lambda b: classification_sums(apply_fn, params, *b)  # noqa: E731
         if clients_per_chunk is None:
             return jax.vmap(per_client)(tuple(batches))
         # lax.map with batch_size: a loop over chunks, each chunk vmapped.
         return jax.lax.map(per_client, tuple(batches), batch_size=clients_per_chunk)
 
     return evaluate
-
-
-def client_distribution(values, higher_is_better: bool = True) -> dict[str, float]:
-    """Mean, 10th/50th/90th percentiles and worst-10% mean of per-client values.
-
-    Percentiles interpolate linearly between order statistics (NumPy's
-    default). The worst 10% are the ``ceil(0.1 * n)`` lowest values (highest
-    when ``higher_is_better`` is False), so there is always at least one.
-    """
-    values = np.asarray(values, np.float64)
-    if values.ndim != 1 or values.size == 0:
-        raise ValueError(f"values must be a non-empty vector, got shape {values.shape}")
-    ordered = np.sort(values)
-    num_worst = max(1, math.ceil(0.1 * values.size))
-    worst = ordered[:num_worst] if higher_is_better else ordered[-num_worst:]
-    p10, p50, p90 = np.percentile(values, [10.0, 50.0, 90.0])
-    return {
-        "mean": float(values.mean()),
-        "p10": float(p10),
-        "p50": float(p50),
-        "p90": float(p90),
-        "worst10_mean": float(worst.mean()),
-    }
 
 
 def per_client_record(sums: Mapping[str, np.ndarray]) -> dict[str, float]:

@@ -1,0 +1,51 @@
+"""Losses: per-example losses of a model, and their masked mean over a batch.
+
+A per-example loss is ``(params, batch, rng) -> float32[batch_size]``, one
+value per example slot, padding included; :func:`masked_mean_loss` is how
+every algorithm turns it into the mean over real examples.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from fedjaxsim.core.types import PerExampleLossFn
+
+
+def masked_mean_loss(
+    per_example_loss_fn: PerExampleLossFn, params, batch, mask, rng
+) -> tuple[jax.Array, jax.Array]:
+    """Mean loss over the real examples of a batch, and their loss sum.
+
+    Padding slots are excluded with ``where`` (not a multiply, so a NaN in a
+    padding slot cannot leak) and the mean divides by ``max(sum(mask), 1)`` so
+    an all-padding batch has loss and gradient exactly zero.
+    """
+    losses = per_example_loss_fn(params, batch, rng)
+    loss_sum = jnp.sum(jnp.where(mask, losses, 0.0))
+    count = jnp.sum(mask.astype(losses.dtype))
+    return loss_sum / jnp.maximum(count, 1.0), loss_sum
+
+
+def classification_loss(model, input_key: str = "x", label_key: str = "y") -> PerExampleLossFn:
+    """Per-example softmax cross-entropy of ``model`` (``model.apply(params, x, rng, train)``)."""
+
+    def per_example_loss(params, batch, rng):
+        logits = model.apply(params, batch[input_key], rng, True)
+        labels = jnp.asarray(batch[label_key], jnp.int32)
+        return optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), labels)
+
+    return per_example_loss
+
+
+def squared_error_loss(model, input_key: str = "x", label_key: str = "y") -> PerExampleLossFn:
+    """Per-example ``0.5 * ||model(x) - y||^2`` for regression."""
+
+    def per_example_loss(params, batch, rng):
+        prediction = model.apply(params, batch[input_key], rng, True)
+        residual = prediction - batch[label_key]
+        return 0.5 * jnp.sum(residual.reshape(residual.shape[0], -1) ** 2, axis=-1)
+
+    return per_example_loss
