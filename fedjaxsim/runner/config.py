@@ -4,140 +4,72 @@ One :class:`ExperimentConfig` describes a run completely. It is built in three
 layers, each overriding the one before:
 
 1. the dataclass defaults (the embedded digits job of ``fedjaxsim run``);
-2. a YAML file (``--config FILE.yaml``), checked key by key against the
-   dataclasses: an unknown key or a value of the wrong type fails with the
-   dotted key (``training.rounds``) and what was expected;
+2. a YAML file (``--config FILE.yaml``), read with `dacite
+   <https://github.com/konradhalas/dacite>`_ in strict mode: an unknown key or
+   a value of the wrong type fails with the dotted key (``training.rounds``)
+   and what was expected;
 3. single keys from the command line, parsed by `tyro
    <https://brentyi.github.io/tyro/>`_ from the same dataclasses
    (``--training.rounds 10``; the common keys also have short aliases such as
    ``--rounds``).
 
-:func:`validate` then checks values and cross-key rules (positive counts, a
-cohort no larger than the population, hyper-parameters the chosen algorithm
-takes) before any work starts, and :func:`resolve` fills every ``None`` that
-means "the default of the dataset, algorithm or backend" with the value
-actually used, which is what the runner writes to ``config.yaml`` in the
-output folder. That file loads back with ``--config`` unchanged.
+The algorithm and the dataset family are unions of one dataclass each
+(``runner/algorithm_configs.py``, ``runner/data_configs.py``), chosen by their
+``name``: ``algorithm: {name: fedadam, ...}`` in YAML, ``algorithm:fedadam``
+or ``--algorithm fedadam`` on the command line. Each holds only its own keys,
+with its builder's defaults, and its builder checks the values.
 
-Why tyro: it derives the command line from the dataclasses themselves (types,
-``Literal`` choices, docstrings as help, nested groups as dotted flags), takes
-a config instance as the defaults (so a YAML file and CLI overrides compose),
-names the flag in every parse error with close-match suggestions, and
-installs cleanly (pure Python; docstring-parser, typeguard and
-typing-extensions). simple-parsing (already pulled in by
-tensorflow-datasets) silently casts ``1.5`` to ``1`` when loading a file, and
-ml_collections' ConfigDict is untyped and brings absl flags.
+:func:`validate` checks values and cross-key rules (positive counts, a cohort
+no larger than the population, the algorithm's hyper-parameters) before any
+work starts, and :func:`resolve` fills every ``None`` that means "the
+measured default of the backend" with the value actually used, which is what
+the runner writes to ``config.yaml`` in the output folder. That file loads
+back with ``--config`` unchanged.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import difflib
-import inspect
-import math
-import types
 import typing
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, Union
 
+import dacite
 import tyro
 
-from fedjaxsim.data.registry import DATASETS
+from fedjaxsim.core.validation import InvalidArgument, check_int, check_optional_int
+from fedjaxsim.runner.algorithm_configs import ALGORITHM_CONFIGS, FedAvgConfig
+from fedjaxsim.runner.data_configs import DATA_CONFIGS, DigitsData
 
-# ---------------------------------------------------------------------------
-# Vocabulary.
-
-DatasetName = Literal[
-    "digits",
-    "federated_emnist",
-    "federated_emnist_digits",
-    "mnist",
-    "emnist/byclass",
-    "fashion_mnist",
-    "cifar10",
-    "cifar100",
-]
 ModelName = Literal["cnn", "dense", "logreg"]
-AlgorithmName = Literal[
-    "fedavg",
-    "fedavgm",
-    "fedadam",
-    "fedyogi",
-    "fedadagrad",
-    "fedprox",
-    "scaffold",
-    "fednova",
-    "mime_lite",
-    "qffl",
-    "ditto",
-]
-PartitionName = Literal["iid", "dirichlet", "shards", "quantity"]
-
-NATURAL_DATASETS = ("federated_emnist", "federated_emnist_digits")
 
 
 def _alias(*names: str):
     return tyro.conf.arg(aliases=names)
 
 
-# ---------------------------------------------------------------------------
-# The dataclasses. Fields documented with a docstring below them become the
-# command-line help (tyro reads them).
+def section_names(cls) -> tuple[str, ...]:
+    """The ``name`` values a section dataclass stands for (its ``Literal``)."""
+    return typing.get_args(typing.get_type_hints(cls)["name"])
 
 
-@dataclasses.dataclass(frozen=True)
-class DataConfig:
-    """Dataset and partitioner."""
-
-    name: Annotated[DatasetName, _alias("--dataset")] = "digits"
-    """Dataset (fedjaxsim.data.registry): digits is embedded; the EMNIST ones download once."""
-    num_clients: Annotated[int | None, _alias("--num-clients")] = None
-    """Clients of the train split for partitioned datasets (default 100); not for natural ones."""
-    partition: PartitionName | None = None
-    """Partitioner of the train split (default dirichlet; digits supports only dirichlet)."""
-    alpha: Annotated[float | None, _alias("--dirichlet-alpha")] = None
-    """Dirichlet concentration of the label skew (default 0.5)."""
-    shards_per_client: int | None = None
-    """Shards per client for partition=shards (default 2)."""
-    test_fraction: float | None = None
-    """digits only: stratified share of examples held out for test (default 0.2)."""
-    source: Literal["tff", "fedjax"] | None = None
-    """Federated EMNIST only: published files to read (default tff)."""
-    data_dir: str | None = None
-    """Dataset cache folder (default $FEDJAXSIM_DATA_DIR or the user cache)."""
-    download: bool | None = None
-    """Whether a missing dataset may be downloaded (default: the loader's)."""
+def _subcommand(cls) -> str:
+    names = section_names(cls)
+    if len(names) == 1:
+        return names[0]
+    return cls.__name__.removesuffix("Data").lower()  # a family of several datasets
 
 
-@dataclasses.dataclass(frozen=True)
-class AlgorithmConfig:
-    """Algorithm and hyper-parameters; None takes the builder's default."""
+def _union(classes):
+    return Union[tuple(Annotated[cls, tyro.conf.subcommand(_subcommand(cls))] for cls in classes)]
 
-    name: Annotated[AlgorithmName, _alias("--algorithm")] = "fedavg"
-    """Federated algorithm (fedjaxsim.algorithms)."""
-    client_learning_rate: Annotated[float | None, _alias("--client-lr")] = None
-    """Local SGD step size."""
-    server_learning_rate: Annotated[float | None, _alias("--server-lr")] = None
-    """Server step size on the averaged client delta."""
-    momentum: float | None = None
-    """fedavgm: server momentum; fednova: local momentum; mime_lite: base-optimizer momentum."""
-    b1: float | None = None
-    """fedadam, fedyogi, fedadagrad: first-moment decay."""
-    b2: float | None = None
-    """fedadam, fedyogi: second-moment decay."""
-    eps: float | None = None
-    """fedadam, fedyogi, fedadagrad: adaptivity tau."""
-    proximal_mu: float | None = None
-    """fedprox, fednova: weight of the proximal term."""
-    q: float | None = None
-    """qffl: fairness exponent."""
-    lipschitz_constant: float | None = None
-    """qffl: L (default 1 / client_learning_rate)."""
-    personal_learning_rate: float | None = None
-    """ditto: step size of the personal model."""
-    regularization: float | None = None
-    """ditto: lambda, the pull of personal models toward the global one."""
+
+AlgorithmConfig = _union(ALGORITHM_CONFIGS)
+DataConfig = _union(DATA_CONFIGS)
+ALGORITHMS = {name: cls for cls in ALGORITHM_CONFIGS for name in section_names(cls)}
+DATASETS = {name: cls for cls in DATA_CONFIGS for name in section_names(cls)}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -162,27 +94,32 @@ class TrainingConfig:
 
 @dataclasses.dataclass(frozen=True)
 class ExecutionConfig:
-    """Execution plan (fedjaxsim.core.engine.ExecutionPlan); None takes default_plan()'s
-    (clients_per_chunk stays None, meaning all lanes in one vmap, when the plan has None)."""
+    """How rounds run: the lane layout, the execution plan
+    (fedjaxsim.core.engine.ExecutionPlan), the convolution lowering and the
+    devices. None takes the measured per-backend default (clients_per_chunk
+    stays None, all lanes in one vmap, when the default plan has None)."""
 
     num_lanes: Annotated[int | Literal["per_client"] | None, _alias("--num-lanes")] = None
     """Pack the cohort into this many vmap lanes, clients one after another in each;
-    per_client gives every client its own lane."""
+    per_client gives every client its own lane (default: one lane per device on CPU,
+    per_client elsewhere)."""
     clients_per_chunk: Annotated[int | None, _alias("--clients-per-chunk")] = None
     """Lanes trained together under one vmap."""
     chunk_loop: Literal["scan", "unroll"] | None = None
     """How chunks are looped over."""
     scan_unroll: int | None = None
     """Unroll of the local-step scan."""
+    sort_chunks: bool | None = None
+    """Group lanes into chunks by length and skip steps that are padding for a whole chunk."""
     conv_lowering: Literal["auto", "patches", "lax"] | None = None
-    """How convolutions are lowered (patches: slices plus one matmul)."""
+    """How the model's convolutions are lowered when it is built (patches: slices
+    plus one matmul)."""
     num_devices: int = 1
     """Shard the cohort's lanes over this many local devices (a "clients" mesh);
-    server state is replicated, and the CPU plan then trains one lane per
+    server state is replicated, and the CPU default then trains one lane per
     device, in parallel. `fedjaxsim run` splits a CPU host into one XLA device
     per core (up to 8; XLA_FLAGS=--xla_force_host_platform_device_count=N
-    overrides). Measured on 2 cores: 2 devices train EMNIST-size clients of the
-    logreg and dense models 1.4-1.9x faster, the tiny digits rounds slower."""
+    overrides); see benchmarks/RESULTS.md for when that pays."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -230,10 +167,10 @@ class LoggingConfig:
 class ExperimentConfig:
     """Everything one run needs. Defaults: FedAvg on the embedded digits (> 90% in < 1 min)."""
 
-    data: DataConfig = DataConfig()
+    data: DataConfig = DigitsData()
     model: ModelName = "cnn"
     """Model (fedjaxsim.models.get_model)."""
-    algorithm: AlgorithmConfig = AlgorithmConfig()
+    algorithm: AlgorithmConfig = FedAvgConfig()
     training: TrainingConfig = TrainingConfig()
     execution: ExecutionConfig = ExecutionConfig()
     evaluation: EvaluationConfig = EvaluationConfig()
@@ -258,15 +195,28 @@ class ConfigError(ValueError):
 # Dicts and YAML.
 
 
-def _hints(cls) -> dict[str, Any]:
-    return typing.get_type_hints(cls)  # strips Annotated
+def _as_float(value):
+    """YAML's ints are floats where a float is expected (and PyYAML reads 1e-3 as a string)."""
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, int):
+        return float(value)
+    if isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            return value
+    return value
+
+
+_DACITE = dacite.Config(strict=True, type_hooks={float: _as_float})
 
 
 def _describe(tp) -> str:
     origin = typing.get_origin(tp)
     if origin is Literal:
         return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
-    if origin in (typing.Union, types.UnionType):
+    if origin in (Union, getattr(__import__("types"), "UnionType")):
         return " or ".join(_describe(a) for a in typing.get_args(tp))
     if tp is type(None):
         return "null"
@@ -275,57 +225,46 @@ def _describe(tp) -> str:
     )
 
 
-def _coerce(value, tp, key: str):
-    """Checks ``value`` (from YAML) against type ``tp``; returns the typed value."""
-    origin = typing.get_origin(tp)
-    if origin in (typing.Union, types.UnionType):
-        for option in typing.get_args(tp):
-            try:
-                return _coerce(value, option, key)
-            except ConfigError:
-                pass
-    elif origin is Literal:
-        if value in typing.get_args(tp) and not isinstance(value, bool):
-            return value
-    elif tp is type(None):
-        if value is None:
-            return None
-    elif tp is bool:
-        if isinstance(value, bool):
-            return value
-    elif tp is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-    elif tp is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):  # PyYAML reads 1e-3 (no dot) as a string
-            try:
-                return float(value)
-            except ValueError:
-                pass
-    elif tp is str:
-        if isinstance(value, str):
-            return value
-    elif dataclasses.is_dataclass(tp):
-        return _from_dict(tp, value, key)
-    raise ConfigError(key, f"expected {_describe(tp)}, got {value!r} ({type(value).__name__})")
+def _dotted(prefix: str, path: str) -> str:
+    return f"{prefix}.{path}" if prefix and path else prefix or path
 
 
-def _from_dict(cls, values, prefix: str = ""):
+def _from_dict(cls, values, prefix: str):
+    """``cls`` from a mapping with dacite (strict), errors as ConfigError naming the key."""
     if not isinstance(values, Mapping):
         raise ConfigError(prefix, f"expected a mapping of keys to values, got {values!r}")
-    hints = _hints(cls)
-    names = [f.name for f in dataclasses.fields(cls)]
-    kwargs = {}
-    for key, value in values.items():
-        dotted = f"{prefix}.{key}" if prefix else str(key)
-        if key not in names:
-            close = difflib.get_close_matches(str(key), names, n=1)
-            hint = f"; did you mean {close[0]!r}?" if close else ""
-            raise ConfigError(dotted, f"unknown key{hint} Valid keys here: {', '.join(names)}")
-        kwargs[key] = _coerce(value, hints[key], dotted)
-    return cls(**kwargs)
+    try:
+        return dacite.from_dict(cls, dict(values), config=_DACITE)
+    except dacite.UnexpectedDataError as error:
+        key = sorted(error.keys)[0]
+        valid = [f.name for f in dataclasses.fields(cls)]
+        close = difflib.get_close_matches(str(key), valid, n=1)
+        hint = f"; did you mean {close[0]!r}?" if close else ""
+        raise ConfigError(
+            _dotted(prefix, str(key)), f"unknown key{hint} Valid keys here: {', '.join(valid)}"
+        ) from None
+    except dacite.WrongTypeError as error:
+        raise ConfigError(
+            _dotted(prefix, error.field_path),
+            f"expected {_describe(error.field_type)}, got {error.value!r} "
+            f"({type(error.value).__name__})",
+        ) from None
+    except dacite.MissingValueError as error:
+        raise ConfigError(
+            _dotted(prefix, error.field_path), f"is required for {cls.__name__}; set it"
+        ) from None
+
+
+def _section(key: str, values, registry: dict[str, type], default: type):
+    """The union member named by ``values["name"]`` (``default`` when there is none)."""
+    if not isinstance(values, Mapping):
+        raise ConfigError(key, f"expected a mapping with a 'name', got {values!r}")
+    name = values.get("name", section_names(default)[0])
+    if name not in registry:
+        close = difflib.get_close_matches(str(name), registry, n=1)
+        hint = f"; did you mean {close[0]!r}?" if close else ""
+        raise ConfigError(f"{key}.name", f"unknown {key} {name!r}{hint} Known: {', '.join(registry)}")
+    return _from_dict(registry[name], values, key)
 
 
 def config_from_dict(values: Mapping) -> ExperimentConfig:
@@ -336,7 +275,14 @@ def config_from_dict(values: Mapping) -> ExperimentConfig:
     Raises:
       ConfigError: for an unknown key or a value of the wrong type, naming it.
     """
-    return _from_dict(ExperimentConfig, values)
+    if not isinstance(values, Mapping):
+        raise ConfigError("", f"expected a mapping of keys to values, got {values!r}")
+    values = dict(values)
+    if "algorithm" in values:
+        values["algorithm"] = _section("algorithm", values["algorithm"], ALGORITHMS, FedAvgConfig)
+    if "data" in values:
+        values["data"] = _section("data", values["data"], DATASETS, DigitsData)
+    return _from_dict(ExperimentConfig, values, "")
 
 
 def config_to_dict(config: ExperimentConfig) -> dict:
@@ -396,317 +342,105 @@ def flatten(values: Mapping, prefix: str = "") -> dict[str, Any]:
 
 
 # ---------------------------------------------------------------------------
-# Algorithms: which hyper-parameters each takes, and their defaults.
-
-
-@dataclasses.dataclass(frozen=True)
-class AlgorithmSpec:
-    """How the runner builds one algorithm from :class:`AlgorithmConfig`.
-
-    Attributes:
-      builder: the ``fedjaxsim.algorithms`` function (its signature supplies
-        the defaults of hyper-parameters it declares with one).
-      hparams: the AlgorithmConfig fields this algorithm takes.
-      runner_defaults: defaults for fields the builder takes as an optax
-        transform rather than a number (fedprox, mime_lite).
-      stateful: keeps per-client state in a ClientStateStore.
-    """
-
-    builder: str
-    hparams: tuple[str, ...]
-    runner_defaults: Mapping[str, float] = dataclasses.field(default_factory=dict)
-    stateful: bool = False
-
-
-ALGORITHM_SPECS: dict[str, AlgorithmSpec] = {
-    "fedavg": AlgorithmSpec("fed_sgd_avg", ("client_learning_rate", "server_learning_rate")),
-    "fedavgm": AlgorithmSpec(
-        "fed_avg_m", ("client_learning_rate", "server_learning_rate", "momentum")
-    ),
-    "fedadam": AlgorithmSpec(
-        "fed_adam", ("client_learning_rate", "server_learning_rate", "b1", "b2", "eps")
-    ),
-    "fedyogi": AlgorithmSpec(
-        "fed_yogi", ("client_learning_rate", "server_learning_rate", "b1", "b2", "eps")
-    ),
-    "fedadagrad": AlgorithmSpec(
-        "fed_adagrad", ("client_learning_rate", "server_learning_rate", "b1", "eps")
-    ),
-    # fed_prox takes optax transforms: the runner uses SGD on both sides, and
-    # the server's sgd(1.0) is fed_prox's own default.
-    "fedprox": AlgorithmSpec(
-        "fed_prox",
-        ("client_learning_rate", "server_learning_rate", "proximal_mu"),
-        runner_defaults={"server_learning_rate": 1.0},
-    ),
-    "scaffold": AlgorithmSpec(
-        "scaffold", ("client_learning_rate", "server_learning_rate"), stateful=True
-    ),
-    "fednova": AlgorithmSpec(
-        "fed_nova", ("client_learning_rate", "server_learning_rate", "momentum", "proximal_mu")
-    ),
-    # Mime-Lite's base optimizer is SGD with momentum (0.9 in Karimireddy et
-    # al. 2020's experiments); its learning rate is the local step size.
-    "mime_lite": AlgorithmSpec(
-        "mime_lite",
-        ("client_learning_rate", "server_learning_rate", "momentum"),
-        runner_defaults={"momentum": 0.9},
-    ),
-    "qffl": AlgorithmSpec("q_ffl", ("client_learning_rate", "q", "lipschitz_constant")),
-    "ditto": AlgorithmSpec(
-        "ditto",
-        (
-            "client_learning_rate",
-            "personal_learning_rate",
-            "regularization",
-            "server_learning_rate",
-        ),
-        stateful=True,
-    ),
-}
-
-# Hyper-parameters whose builder default depends on others (None stays None).
-_DERIVED_DEFAULTS = {("qffl", "lipschitz_constant")}
-
-
-def builder_function(name: str):
-    """The ``fedjaxsim.algorithms`` builder of algorithm ``name``."""
-    from fedjaxsim import algorithms
-
-    return getattr(algorithms, ALGORITHM_SPECS[name].builder)
-
-
-def algorithm_defaults(name: str) -> dict[str, Any]:
-    """Each hyper-parameter of ``name`` with its default (``inspect.empty`` if required)."""
-    spec = ALGORITHM_SPECS[name]
-    parameters = inspect.signature(builder_function(name)).parameters
-    defaults = {}
-    for hparam in spec.hparams:
-        if hparam in spec.runner_defaults:
-            defaults[hparam] = spec.runner_defaults[hparam]
-        elif hparam in parameters:
-            defaults[hparam] = parameters[hparam].default
-        else:
-            defaults[hparam] = inspect.Parameter.empty
-    return defaults
-
-
-# ---------------------------------------------------------------------------
 # Validation and resolution.
 
-_DATA_DEFAULTS = {
-    "num_clients": 100,
-    "partition": "dirichlet",
-    "alpha": 0.5,
-    "shards_per_client": 2,
-}
+
+def _checked(section: str, check, *args, **kwargs):
+    """Runs a check whose ``InvalidArgument`` names a key of ``section``."""
+    try:
+        return check(*args, **kwargs)
+    except InvalidArgument as error:
+        raise ConfigError(_dotted(section, error.name), str(error)) from None
 
 
-def _data_keys(name: str) -> dict[str, Any]:
-    """Keys that apply to dataset ``name`` with their defaults (None: loader's)."""
-    if name == "digits":
-        return {"num_clients": 100, "partition": "dirichlet", "alpha": 0.5, "test_fraction": 0.2}
-    if name in NATURAL_DATASETS:
-        return {"source": "tff", "data_dir": None, "download": None}
-    return dict(_DATA_DEFAULTS, data_dir=None, download=None)
+def _placeholder_loss(params, batch, rng):
+    raise AssertionError("validation builds the algorithm only to check its hyper-parameters")
 
 
-def population(data: DataConfig) -> int:
-    """Number of training clients of the (resolved or unresolved) data config."""
-    if data.name in NATURAL_DATASETS:
-        from fedjaxsim.data.emnist import PUBLISHED_FACTS
-
-        return PUBLISHED_FACTS[(data.name == "federated_emnist_digits", "train")].num_clients
-    return data.num_clients if data.num_clients is not None else _DATA_DEFAULTS["num_clients"]
-
-
-def _check_int(key: str, value, minimum: int, optional: bool = False) -> None:
-    if value is None and optional:
-        return
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        bound = "a positive integer" if minimum == 1 else f"an integer >= {minimum}"
-        raise ConfigError(key, f"must be {bound}, got {value!r}")
-
-
-def _check_float(key: str, value, *, positive: bool = False, below_one: bool = False) -> None:
-    if value is None:
-        return
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-    ok = ok and (value > 0 if positive else value >= 0)
-    ok = ok and (value < 1 if below_one else True)
-    if not ok:
-        low = "> 0" if positive else ">= 0"
-        high = " and < 1" if below_one else ""
-        raise ConfigError(key, f"must be a finite number {low}{high}, got {value!r}")
-
-
-def _check_type_tree(config: ExperimentConfig) -> None:
-    """Re-checks every field's type (configs may be built in Python)."""
-    config_from_dict(config_to_dict(config))
+def _validate_sections(config: ExperimentConfig) -> None:
+    training, execution, evaluation = config.training, config.execution, config.evaluation
+    for name in ("rounds", "cohort_size", "local_epochs", "batch_size"):
+        _checked("training", check_int, name, getattr(training, name), minimum=1)
+    _checked("training", check_optional_int, "max_local_steps", training.max_local_steps, minimum=1)
+    if isinstance(training.step_bucket, int):
+        _checked("training", check_int, "step_bucket", training.step_bucket, minimum=1)
+    for name in ("clients_per_chunk", "scan_unroll"):
+        _checked("execution", check_optional_int, name, getattr(execution, name), minimum=1)
+    if execution.num_lanes != "per_client":
+        _checked("execution", check_optional_int, "num_lanes", execution.num_lanes, minimum=1)
+    _checked("execution", check_int, "num_devices", execution.num_devices, minimum=1)
+    for name in ("every", "batch_size", "per_client_sample", "per_client_batch_size"):
+        _checked("evaluation", check_int, name, getattr(evaluation, name), minimum=1)
+    _checked("evaluation", check_int, "per_client_split", evaluation.per_client_split, minimum=2)
+    _checked("evaluation", check_optional_int, "per_client_chunk", evaluation.per_client_chunk, minimum=1)
+    _checked("evaluation", check_optional_int, "per_client_every", evaluation.per_client_every, minimum=0)
+    _checked("checkpoint", check_int, "every", config.checkpoint.every, minimum=0)
+    _checked("checkpoint", check_int, "keep", config.checkpoint.keep, minimum=1)
+    _checked("", check_int, "seed", config.seed, minimum=0)
+    if not config.output_dir:
+        raise ConfigError("output_dir", "must be a non-empty path")
 
 
 def validate(config: ExperimentConfig) -> ExperimentConfig:
-    """Checks values and cross-key rules; returns ``config`` unchanged.
+    """Checks types, values and cross-key rules; returns ``config`` unchanged.
+
+    The algorithm's hyper-parameters are checked by building it (its builder
+    owns the checks), which traces nothing.
 
     Raises:
       ConfigError: naming the first bad key, with what is allowed.
     """
     if not isinstance(config, ExperimentConfig):
         raise ConfigError("", f"expected an ExperimentConfig, got {type(config).__name__}")
-    _check_type_tree(config)
-    data, training, evaluation = config.data, config.training, config.evaluation
-
-    if data.name not in DATASETS:
-        raise ConfigError(
-            "data.name", f"unknown dataset {data.name!r}; known: {', '.join(DATASETS)}"
-        )
-    # Data: keys that do not apply to this dataset are errors, not silently ignored.
-    applicable = _data_keys(data.name)
-    for field in dataclasses.fields(DataConfig):
-        value = getattr(data, field.name)
-        if field.name != "name" and value is not None and field.name not in applicable:
-            raise ConfigError(
-                f"data.{field.name}",
-                f"does not apply to dataset {data.name!r}; remove it (keys for "
-                f"{data.name}: {', '.join(applicable) or 'none'})",
-            )
-    if data.name == "digits" and data.partition not in (None, "dirichlet"):
-        raise ConfigError(
-            "data.partition",
-            f"digits is split with a Dirichlet label skew only, got {data.partition!r}; "
-            "use partition: dirichlet and set alpha, or a TFDS dataset such as mnist",
-        )
-    _check_int("data.num_clients", data.num_clients, 1, optional=True)
-    _check_int("data.shards_per_client", data.shards_per_client, 1, optional=True)
-    _check_float("data.alpha", data.alpha, positive=True)
-    if data.test_fraction is not None and not 0 < data.test_fraction < 1:
-        raise ConfigError("data.test_fraction", f"must lie in (0, 1), got {data.test_fraction!r}")
-
-    # Training.
-    for name in ("rounds", "cohort_size", "local_epochs", "batch_size"):
-        _check_int(f"training.{name}", getattr(training, name), 1)
-    _check_int("training.max_local_steps", training.max_local_steps, 1, optional=True)
-    if isinstance(training.step_bucket, int):
-        _check_int("training.step_bucket", training.step_bucket, 1)
-    clients = population(data)
-    if training.cohort_size > clients:
-        source = "data.num_clients" if data.name not in NATURAL_DATASETS else data.name
+    config_from_dict(config_to_dict(config))  # types, for configs built in Python too
+    _validate_sections(config)
+    _checked("data", config.data.check)
+    population = config.data.population()
+    if config.training.cohort_size > population:
         raise ConfigError(
             "training.cohort_size",
-            f"cohort_size={training.cohort_size} is larger than num_clients={clients} "
-            f"({source}); lower training.cohort_size or raise data.num_clients",
+            f"cohort_size={config.training.cohort_size} is larger than the {population} clients "
+            f"of {config.data.name}; lower training.cohort_size or raise data.num_clients",
         )
-
-    # Execution.
-    for name in ("num_lanes", "clients_per_chunk", "scan_unroll"):
-        value = getattr(config.execution, name)
-        if value != "per_client":
-            _check_int(f"execution.{name}", value, 1, optional=True)
-    _check_int("execution.num_devices", config.execution.num_devices, 1)
-
-    # Evaluation and checkpoints.
-    for name in ("every", "batch_size", "per_client_sample", "per_client_batch_size"):
-        _check_int(f"evaluation.{name}", getattr(evaluation, name), 1)
-    _check_int("evaluation.per_client_split", evaluation.per_client_split, 2)
-    _check_int("evaluation.per_client_chunk", evaluation.per_client_chunk, 1, optional=True)
-    _check_int("evaluation.per_client_every", evaluation.per_client_every, 0, optional=True)
-    _check_int("checkpoint.every", config.checkpoint.every, 0)
-    _check_int("checkpoint.keep", config.checkpoint.keep, 1)
-    _check_int("seed", config.seed, 0)
-    if not config.output_dir:
-        raise ConfigError("output_dir", "must be a non-empty path")
-
-    _validate_algorithm(config.algorithm)
+    _checked("algorithm", config.algorithm.build, _placeholder_loss, population)
     return config
-
-
-def _validate_algorithm(algorithm: AlgorithmConfig) -> None:
-    spec = ALGORITHM_SPECS[algorithm.name]
-    for field in dataclasses.fields(AlgorithmConfig):
-        value = getattr(algorithm, field.name)
-        if field.name == "name" or value is None:
-            continue
-        if field.name not in spec.hparams:
-            raise ConfigError(
-                f"algorithm.{field.name}",
-                f"is not a hyper-parameter of {algorithm.name}; remove it ({algorithm.name} "
-                f"takes {', '.join(spec.hparams)})",
-            )
-    defaults = algorithm_defaults(algorithm.name)
-    for hparam, default in defaults.items():
-        if getattr(algorithm, hparam) is None and default is inspect.Parameter.empty:
-            raise ConfigError(
-                f"algorithm.{hparam}",
-                f"is required for {algorithm.name} (its builder has no default); set it, e.g. "
-                f"--algorithm.{hparam.replace('_', '-')} VALUE",
-            )
-    for name in ("client_learning_rate", "personal_learning_rate"):
-        _check_float(f"algorithm.{name}", getattr(algorithm, name), positive=True)
-    for name in ("server_learning_rate", "proximal_mu", "q", "regularization"):
-        _check_float(f"algorithm.{name}", getattr(algorithm, name))
-    for name in ("momentum", "b1", "b2"):
-        _check_float(f"algorithm.{name}", getattr(algorithm, name), below_one=True)
-    _check_float("algorithm.eps", algorithm.eps, positive=True)
-    _check_float("algorithm.lipschitz_constant", algorithm.lipschitz_constant, positive=True)
 
 
 def resolve(config: ExperimentConfig, backend: str | None = None) -> ExperimentConfig:
     """Validates ``config`` and fills each ``None`` default with the value used.
 
-    Dataset keys get the dataset's defaults, hyper-parameters the builder's
-    (read from its signature), the execution plan ``default_plan(backend)``'s
-    fields, and ``evaluation.per_client_every`` the central schedule.
-    Idempotent: ``resolve(resolve(c)) == resolve(c)``.
+    The execution section gets the backend's measured defaults (the lane
+    layout of ``default_num_lanes``, ``default_plan``'s fields and the models'
+    ``default_lowering``), and ``evaluation.per_client_every`` the central
+    schedule. Idempotent: ``resolve(resolve(c)) == resolve(c)``.
     """
     from fedjaxsim.core.engine import default_plan
+    from fedjaxsim.core.packing import default_num_lanes
+    from fedjaxsim.models import default_lowering
 
     validate(config)
-    data = config.data
-    data = dataclasses.replace(
-        data,
-        **{
-            key: default
-            for key, default in _data_keys(data.name).items()
-            if getattr(data, key) is None and default is not None
-        },
-    )
-    algorithm = config.algorithm
-    filled = {
-        hparam: default
-        for hparam, default in algorithm_defaults(algorithm.name).items()
-        if getattr(algorithm, hparam) is None
-        and (algorithm.name, hparam) not in _DERIVED_DEFAULTS
-        and default is not inspect.Parameter.empty
-    }
-    algorithm = dataclasses.replace(algorithm, **filled)
     plan = default_plan(backend)
     execution = config.execution
-    if execution.num_lanes is None:
-        lanes = "per_client" if plan.num_lanes is None else plan.num_lanes
-        if plan.num_lanes == 1 and execution.num_devices > 1:
-            lanes = execution.num_devices  # one lane per device (the CPU plan, in parallel)
-        execution = dataclasses.replace(execution, num_lanes=lanes)
+    lanes = execution.num_lanes
+    if lanes is None:
+        lanes = default_num_lanes(backend, execution.num_devices) or "per_client"
+
+    def pick(value, default):
+        return default if value is None else value
+
     execution = dataclasses.replace(
         execution,
-        clients_per_chunk=(
-            plan.clients_per_chunk
-            if execution.clients_per_chunk is None
-            else execution.clients_per_chunk
-        ),
-        chunk_loop=execution.chunk_loop or plan.chunk_loop,
-        scan_unroll=int(plan.scan_unroll)
-        if execution.scan_unroll is None
-        else execution.scan_unroll,
-        conv_lowering=execution.conv_lowering or plan.conv_lowering,
+        num_lanes=lanes,
+        clients_per_chunk=pick(execution.clients_per_chunk, plan.clients_per_chunk),
+        chunk_loop=pick(execution.chunk_loop, plan.chunk_loop),
+        scan_unroll=pick(execution.scan_unroll, int(plan.scan_unroll)),
+        sort_chunks=pick(execution.sort_chunks, plan.sort_chunks),
+        conv_lowering=pick(execution.conv_lowering, default_lowering(backend)),
     )
     evaluation = config.evaluation
     if evaluation.per_client_every is None:
         evaluation = dataclasses.replace(evaluation, per_client_every=evaluation.every)
-    return validate(
-        dataclasses.replace(
-            config, data=data, algorithm=algorithm, execution=execution, evaluation=evaluation
-        )
-    )
+    return validate(dataclasses.replace(config, execution=execution, evaluation=evaluation))
 
 
 # ---------------------------------------------------------------------------
@@ -715,10 +449,28 @@ def resolve(config: ExperimentConfig, backend: str | None = None) -> ExperimentC
 RUN_DESCRIPTION = (
     "Run a federated experiment. Settings come from the defaults (FedAvg on the embedded "
     "digits), then from --config FILE.yaml, then from single-key flags (--training.rounds 10, "
-    "or the short aliases shown). Also: --resume (continue from the latest checkpoint in the "
-    "output folder; a run also resumes automatically when its folder has one) and --quiet "
-    "(no progress bar)."
+    "or the short aliases shown). Pick the algorithm and the dataset with algorithm:NAME and "
+    "data:FAMILY (or --algorithm NAME and --dataset NAME). Also: --resume (continue from the "
+    "latest checkpoint in the output folder; a run also resumes automatically when its folder "
+    "has one) and --quiet (no progress bar)."
 )
+
+
+def _selection_arguments(algorithm: str | None, dataset: str | None) -> list[str]:
+    """``--algorithm NAME`` and ``--dataset NAME`` as tyro's subcommand tokens."""
+    tokens = []
+    if algorithm is not None:
+        if algorithm not in ALGORITHMS:
+            raise ConfigError("algorithm.name", f"unknown algorithm {algorithm!r}; known: {', '.join(ALGORITHMS)}")
+        tokens.append(f"algorithm:{_subcommand(ALGORITHMS[algorithm])}")
+    if dataset is not None:
+        if dataset not in DATASETS:
+            raise ConfigError("data.name", f"unknown dataset {dataset!r}; known: {', '.join(DATASETS)}")
+        family = DATASETS[dataset]
+        tokens.append(f"data:{_subcommand(family)}")
+        if len(section_names(family)) > 1:
+            tokens += ["--data.name", dataset]
+    return tokens
 
 
 def parse_run_arguments(argv: Sequence[str]) -> tuple[ExperimentConfig, bool]:
@@ -738,14 +490,17 @@ def parse_run_arguments(argv: Sequence[str]) -> tuple[ExperimentConfig, bool]:
     pre.add_argument("--config", default=None)
     pre.add_argument("--resume", action="store_true")
     pre.add_argument("--quiet", action="store_true")
+    pre.add_argument("--algorithm", default=None)
+    pre.add_argument("--dataset", default=None)
     known, rest = pre.parse_known_args(list(argv))
     base = load_config(known.config) if known.config else ExperimentConfig()
     config = tyro.cli(
         ExperimentConfig,
         default=base,
-        args=rest,
+        args=[*_selection_arguments(known.algorithm, known.dataset), *rest],
         prog="fedjaxsim run",
         description=RUN_DESCRIPTION,
+        config=(tyro.conf.CascadeSubcommandArgs,),
     )
     if known.quiet:
         config = dataclasses.replace(

@@ -29,17 +29,18 @@ import numpy as np
 from fedjaxsim.core.client_state import ClientStateStore
 from fedjaxsim.core.engine import build_round
 from fedjaxsim.core.evaluation import batch_for_eval, build_classification_eval
-from fedjaxsim.core.lowering import conv_lowering
 from fedjaxsim.core.packing import pack_cohort
 from fedjaxsim.core.sampling import sample_uniform
 from fedjaxsim.core.sharding import client_mesh, replicated, shard_cohort
-from fedjaxsim.models import classification_loss, get_model
+from fedjaxsim.core.losses import classification_loss
+from fedjaxsim.models import get_model
 from fedjaxsim.runner import faults
 from fedjaxsim.runner.checkpoints import FORMAT_VERSION, RunCheckpointer
 from fedjaxsim.runner.components import (
     build_algorithm,
     execution_plan,
     load_dataset,
+    num_lanes,
     packing_config,
     sample_evaluation_clients,
 )
@@ -198,12 +199,10 @@ def _run_session(config: ExperimentConfig, resume: str, stack: contextlib.ExitSt
 
     dataset = load_dataset(config)
     population = dataset.train.num_clients
-    model = get_model(config.model, dataset.num_classes)
+    model = get_model(config.model, dataset.num_classes, lowering=config.execution.conv_lowering)
     root_rng = jax.random.key(config.seed)
     params = model.init(root_rng, np.zeros((1, *dataset.input_shape), np.float32))
-    algorithm, initial_client_state_fn = build_algorithm(
-        config, classification_loss(model), population
-    )
+    algorithm = build_algorithm(config, classification_loss(model), population)
     plan = execution_plan(config)
     mesh = None
     if config.execution.num_devices > 1:
@@ -217,8 +216,8 @@ def _run_session(config: ExperimentConfig, resume: str, stack: contextlib.ExitSt
         mesh = client_mesh(available[: config.execution.num_devices])
     state = algorithm.init(params)
     store = None
-    if initial_client_state_fn is not None:
-        store = ClientStateStore(initial_client_state_fn(params), population)
+    if algorithm.initial_client_state is not None:
+        store = ClientStateStore(algorithm.initial_client_state(params), population)
     history: list[dict] = []
     if meta is not None:
         if meta["data"] != _data_fingerprint(dataset):
@@ -257,6 +256,7 @@ def _run_session(config: ExperimentConfig, resume: str, stack: contextlib.ExitSt
         )
         evaluate_clients = build_per_client_eval(model.apply, config.evaluation.per_client_chunk)
     packing = packing_config(config)
+    lanes = num_lanes(config)
 
     def prepare(round_index: int):
         """Samples and packs a round and starts its host-to-device copy."""
@@ -269,7 +269,7 @@ def _run_session(config: ExperimentConfig, resume: str, stack: contextlib.ExitSt
             seed=config.seed,
             round_index=round_index,
             num_total_clients=population,
-            num_lanes=plan.num_lanes,
+            num_lanes=lanes,
         )
         placed = jax.device_put(cohort) if mesh is None else shard_cohort(cohort, mesh)
         return placed, time.perf_counter() - tic
@@ -353,17 +353,14 @@ def _run_session(config: ExperimentConfig, resume: str, stack: contextlib.ExitSt
         per_client_due = bool(per_client_every) and (round_number % per_client_every == 0 or final)
         if central_due or per_client_due:
             tic = time.perf_counter()
-            with conv_lowering(plan.conv_lowering):
-                if central_due:
-                    sums = jax.device_get(evaluate(state.params, test_batches))
-                    record["test_loss"] = float(sums["loss_sum"] / sums["num_examples"])
-                    record["test_accuracy"] = float(sums["num_correct"] / sums["num_examples"])
-                if per_client_due:
-                    record.update(
-                        per_client_record(
-                            jax.device_get(evaluate_clients(state.params, client_batches))
-                        )
-                    )
+            if central_due:
+                sums = jax.device_get(evaluate(state.params, test_batches))
+                record["test_loss"] = float(sums["loss_sum"] / sums["num_examples"])
+                record["test_accuracy"] = float(sums["num_correct"] / sums["num_examples"])
+            if per_client_due:
+                record.update(
+                    per_client_record(jax.device_get(evaluate_clients(state.params, client_batches)))
+                )
             record["eval_seconds"] = time.perf_counter() - tic
         now = time.perf_counter()
         record["round_seconds"] = now - round_start

@@ -1,0 +1,141 @@
+"""One frozen config dataclass per dataset family, each loading its dataset.
+
+A family holds exactly the keys that apply to its datasets (a key of another
+family is an error, not silently ignored). Adding a family to the runner
+means one dataclass here and one entry in :data:`DATA_CONFIGS`; the command
+line (``data:FAMILY``, or ``--dataset NAME``) and YAML
+(``data: {name: NAME, ...}``) follow.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Annotated, ClassVar, Literal
+
+import tyro
+
+from fedjaxsim.core.validation import check_int, check_real
+from fedjaxsim.data.federated import FederatedDataset
+
+NumClients = Annotated[
+    int, tyro.conf.arg(aliases=("--num-clients",), help="Clients of the partitioned train split.")
+]
+DirichletAlpha = Annotated[
+    float, tyro.conf.arg(aliases=("--dirichlet-alpha",), help="Dirichlet concentration of the label skew.")
+]
+Partition = Literal["iid", "dirichlet", "shards", "quantity"]
+
+
+def data_config(cls):
+    """A frozen, keyword-only dataclass."""
+    return dataclasses.dataclass(frozen=True, kw_only=True)(cls)
+
+
+@data_config
+class DigitsData:
+    """scikit-learn's 1,797 handwritten 8x8 digits (embedded), Dirichlet label skew."""
+
+    names: ClassVar = ("digits",)
+    name: tyro.conf.Suppress[Literal["digits"]] = "digits"
+    num_clients: NumClients = 100
+    alpha: DirichletAlpha = 0.5
+    test_fraction: float = 0.2
+    """Stratified share of the examples held out for test."""
+
+    partition: ClassVar = "dirichlet"  # how the test split is cut for per-client evaluation
+    shards_per_client: ClassVar = 2
+
+    def check(self) -> None:
+        check_int("num_clients", self.num_clients, minimum=1)
+        check_real("alpha", self.alpha, minimum=0.0, strict_minimum=True)
+        check_real("test_fraction", self.test_fraction, minimum=0.0, maximum=1.0,
+                   strict_minimum=True, strict_maximum=True)
+
+    def population(self) -> int:
+        return self.num_clients
+
+    def load(self, seed: int, progress: bool) -> FederatedDataset:
+        del progress
+        from fedjaxsim.data.digits import federated_digits
+
+        return federated_digits(self.num_clients, self.alpha, self.test_fraction, seed)
+
+
+@data_config
+class FederatedEmnistData:
+    """Federated EMNIST, its writers as clients (3,400; 3,383 for the digits-only variant)."""
+
+    names: ClassVar = ("federated_emnist", "federated_emnist_digits")
+    name: Literal["federated_emnist", "federated_emnist_digits"] = "federated_emnist"
+    """federated_emnist: 62 classes; federated_emnist_digits: the 10-class variant."""
+    source: Literal["tff", "fedjax"] = "tff"
+    """Published files to read (identical data)."""
+    data_dir: str | None = None
+    """Dataset cache folder (default $FEDJAXSIM_DATA_DIR or the user cache)."""
+    download: bool = True
+    """Whether missing files may be downloaded."""
+
+    def check(self) -> None:
+        pass
+
+    def population(self) -> int:
+        from fedjaxsim.data.emnist import PUBLISHED_FACTS
+
+        only_digits = self.name == "federated_emnist_digits"
+        return PUBLISHED_FACTS[(only_digits, "train")].num_clients
+
+    def load(self, seed: int, progress: bool) -> FederatedDataset:
+        del seed
+        from fedjaxsim.data.emnist import load_federated_emnist
+
+        return load_federated_emnist(
+            self.name == "federated_emnist_digits",
+            source=self.source,
+            data_dir=self.data_dir,
+            download=self.download,
+            progress=progress,
+        )
+
+
+@data_config
+class TfdsData:
+    """A TFDS image dataset, its train split partitioned into clients."""
+
+    names: ClassVar = ("mnist", "emnist/byclass", "fashion_mnist", "cifar10", "cifar100")
+    name: Literal["mnist", "emnist/byclass", "fashion_mnist", "cifar10", "cifar100"] = "mnist"
+    num_clients: NumClients = 100
+    partition: Partition = "dirichlet"
+    """Partitioner of the train split."""
+    alpha: DirichletAlpha = 0.5
+    shards_per_client: int = 2
+    """Shards per client for partition=shards."""
+    data_dir: str | None = None
+    """Dataset cache folder (default $FEDJAXSIM_DATA_DIR or the user cache)."""
+    download: bool = False
+    """Whether TFDS may download and prepare a missing dataset."""
+
+    def check(self) -> None:
+        check_int("num_clients", self.num_clients, minimum=1)
+        check_real("alpha", self.alpha, minimum=0.0, strict_minimum=True)
+        check_int("shards_per_client", self.shards_per_client, minimum=1)
+
+    def population(self) -> int:
+        return self.num_clients
+
+    def load(self, seed: int, progress: bool) -> FederatedDataset:
+        del progress
+        from fedjaxsim.data.tfds_images import federated_tfds
+
+        return federated_tfds(
+            self.name,
+            num_clients=self.num_clients,
+            partition=self.partition,
+            seed=seed,
+            alpha=self.alpha,
+            shards_per_client=self.shards_per_client,
+            data_dir=self.data_dir,
+            download=self.download,
+        )
+
+
+DATA_CONFIGS = (DigitsData, FederatedEmnistData, TfdsData)
