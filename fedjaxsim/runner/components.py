@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import numpy as np
 
-from fedjaxsim.core.algorithm import Algorithm
+from fedjaxsim.core.algorithm import Algorithm, with_aggregator
+from fedjaxsim.core.client_state import ClientStateStore
 from fedjaxsim.core.engine import ExecutionPlan
 from fedjaxsim.core.packing import PackingConfig
 from fedjaxsim.core.validation import InvalidArgument
 from fedjaxsim.data.federated import FederatedData, FederatedDataset
+from fedjaxsim.robust.attacks import attack_client_states, choose_malicious_clients, with_attack
 from fedjaxsim.runner.config import ConfigError, ExperimentConfig
 
 # Domain tag of the per-client evaluation sample (see core/sampling.py).
@@ -65,17 +67,69 @@ def execution_plan(config: ExperimentConfig) -> ExecutionPlan:
     )
 
 
-def build_algorithm(config: ExperimentConfig, loss_fn, num_total_clients: int) -> Algorithm:
-    """Builds the resolved config's algorithm.
+class ClientStates:
+    """What the runner keeps per client between rounds.
+
+    The algorithm's own client state (SCAFFOLD's control variates, Ditto's
+    personal models) lives in a :class:`ClientStateStore`; under an attack,
+    whether each client is malicious (a pure function of the seed) is added
+    to it for the round and stripped off again.
+    """
+
+    def __init__(self, store: ClientStateStore | None, malicious: np.ndarray | None):
+        self.store = store
+        self.malicious = malicious
+
+    @property
+    def used(self) -> bool:
+        return self.store is not None or self.malicious is not None
+
+    def gather(self, client_ids):
+        inner = () if self.store is None else self.store.gather(client_ids)
+        if self.malicious is None:
+            return inner
+        return attack_client_states(self.malicious, client_ids, inner)
+
+    def scatter(self, client_ids, new_states) -> None:
+        if self.malicious is not None:
+            new_states = new_states.inner
+        if self.store is not None:
+            self.store.scatter(client_ids, new_states)
+
+
+def build_algorithm(
+    config: ExperimentConfig, loss_fn, dataset: FederatedDataset, params
+) -> tuple[Algorithm, ClientStates]:
+    """Builds the resolved config's algorithm, with its aggregator and attack.
+
+    Returns:
+      ``(algorithm, client_states)``.
 
     Raises:
-      ConfigError: when the builder rejects a hyper-parameter (named
-        ``algorithm.<name>``).
+      ConfigError: when a builder rejects a value (named ``algorithm.<name>``,
+        ``aggregator.<name>`` or ``attack.<name>``).
     """
-    try:
-        return config.algorithm.build(loss_fn, num_total_clients)
-    except InvalidArgument as error:
-        raise ConfigError(f"algorithm.{error.name}", str(error)) from error
+    population = dataset.train.num_clients
+    sections = (
+        ("algorithm", lambda: config.algorithm.build(loss_fn, population)),
+        ("aggregator", config.aggregator.build),
+        ("attack", lambda: config.attack.build(dataset.num_classes)),
+    )
+    built = {}
+    for section, build in sections:
+        try:
+            built[section] = build()
+        except InvalidArgument as error:
+            raise ConfigError(f"{section}.{error.name}", str(error)) from error
+    algorithm = with_aggregator(built["algorithm"], built["aggregator"])
+    store = None
+    if algorithm.initial_client_state is not None:
+        store = ClientStateStore(algorithm.initial_client_state(params), population)
+    malicious = None
+    if built["attack"] is not None:
+        algorithm = with_attack(algorithm, built["attack"])
+        malicious = choose_malicious_clients(population, config.attack.fraction, config.seed)
+    return algorithm, ClientStates(store, malicious)
 
 
 def sample_evaluation_clients(config: ExperimentConfig, dataset: FederatedDataset):

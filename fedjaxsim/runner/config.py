@@ -40,6 +40,12 @@ import dacite
 import tyro
 
 from fedjaxsim.core.validation import InvalidArgument, check_int, check_optional_int
+from fedjaxsim.runner.aggregation_configs import (
+    AGGREGATOR_CONFIGS,
+    ATTACK_CONFIGS,
+    MeanAggregator,
+    NoAttack,
+)
 from fedjaxsim.runner.algorithm_configs import ALGORITHM_CONFIGS, FedAvgConfig
 from fedjaxsim.runner.data_configs import DATA_CONFIGS, DigitsData
 
@@ -68,8 +74,25 @@ def _union(classes):
 
 AlgorithmConfig = _union(ALGORITHM_CONFIGS)
 DataConfig = _union(DATA_CONFIGS)
-ALGORITHMS = {name: cls for cls in ALGORITHM_CONFIGS for name in section_names(cls)}
-DATASETS = {name: cls for cls in DATA_CONFIGS for name in section_names(cls)}
+AggregatorConfig = _union(AGGREGATOR_CONFIGS)
+AttackConfig = _union(ATTACK_CONFIGS)
+
+
+def _registry(classes) -> dict[str, type]:
+    return {name: cls for cls in classes for name in section_names(cls)}
+
+
+ALGORITHMS = _registry(ALGORITHM_CONFIGS)
+DATASETS = _registry(DATA_CONFIGS)
+AGGREGATORS = _registry(AGGREGATOR_CONFIGS)
+ATTACKS = _registry(ATTACK_CONFIGS)
+# The sections that are unions chosen by name: (registry, default member).
+UNION_SECTIONS = {
+    "data": (DATASETS, DigitsData),
+    "algorithm": (ALGORITHMS, FedAvgConfig),
+    "aggregator": (AGGREGATORS, MeanAggregator),
+    "attack": (ATTACKS, NoAttack),
+}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -171,6 +194,8 @@ class ExperimentConfig:
     model: ModelName = "cnn"
     """Model (fedjaxsim.models.get_model)."""
     algorithm: AlgorithmConfig = FedAvgConfig()
+    aggregator: AggregatorConfig = MeanAggregator()
+    attack: AttackConfig = NoAttack()
     training: TrainingConfig = TrainingConfig()
     execution: ExecutionConfig = ExecutionConfig()
     evaluation: EvaluationConfig = EvaluationConfig()
@@ -278,10 +303,9 @@ def config_from_dict(values: Mapping) -> ExperimentConfig:
     if not isinstance(values, Mapping):
         raise ConfigError("", f"expected a mapping of keys to values, got {values!r}")
     values = dict(values)
-    if "algorithm" in values:
-        values["algorithm"] = _section("algorithm", values["algorithm"], ALGORITHMS, FedAvgConfig)
-    if "data" in values:
-        values["data"] = _section("data", values["data"], DATASETS, DigitsData)
+    for key, (registry, default) in UNION_SECTIONS.items():
+        if key in values:
+            values[key] = _section(key, values[key], registry, default)
     return _from_dict(ExperimentConfig, values, "")
 
 
@@ -318,7 +342,11 @@ def dump_config(config: ExperimentConfig) -> str:
 
 
 def replace(config: ExperimentConfig, **dotted) -> ExperimentConfig:
-    """A copy with dotted keys replaced: ``replace(c, **{"training.rounds": 5})``."""
+    """A copy with dotted keys replaced: ``replace(c, **{"training.rounds": 5})``.
+
+    Setting a union section's name (``"attack.name": "none"``) switches the
+    section to that member, keeping only the keys the new member has.
+    """
     values = config_to_dict(config)
     for key, value in dotted.items():
         *parents, leaf = key.split(".")
@@ -326,6 +354,10 @@ def replace(config: ExperimentConfig, **dotted) -> ExperimentConfig:
         for parent in parents:
             node = node[parent]
         node[leaf] = value
+        section = parents[0] if len(parents) == 1 else None
+        if leaf == "name" and section in UNION_SECTIONS and value in UNION_SECTIONS[section][0]:
+            kept = {f.name for f in dataclasses.fields(UNION_SECTIONS[section][0][value])}
+            values[section] = {k: v for k, v in node.items() if k in kept}
     return config_from_dict(values)
 
 
@@ -403,6 +435,9 @@ def validate(config: ExperimentConfig) -> ExperimentConfig:
             f"of {config.data.name}; lower training.cohort_size or raise data.num_clients",
         )
     _checked("algorithm", config.algorithm.build, _placeholder_loss, population)
+    _checked("aggregator", config.aggregator.build)
+    _checked("aggregator", config.aggregator.check_cohort, config.training.cohort_size)
+    _checked("attack", config.attack.build, 2)
     return config
 
 
@@ -449,27 +484,38 @@ def resolve(config: ExperimentConfig, backend: str | None = None) -> ExperimentC
 RUN_DESCRIPTION = (
     "Run a federated experiment. Settings come from the defaults (FedAvg on the embedded "
     "digits), then from --config FILE.yaml, then from single-key flags (--training.rounds 10, "
-    "or the short aliases shown). Pick the algorithm and the dataset with algorithm:NAME and "
-    "data:FAMILY (or --algorithm NAME and --dataset NAME). Also: --resume (continue from the "
+    "or the short aliases shown). Pick the algorithm, the dataset, the aggregator and an attack "
+    "with --algorithm NAME, --dataset NAME, --aggregator.name NAME and --attack.name NAME (or "
+    "the subcommands algorithm:NAME, data:FAMILY, aggregator:NAME, attack:NAME). Also: --resume (continue from the "
     "latest checkpoint in the output folder; a run also resumes automatically when its folder "
     "has one) and --quiet (no progress bar)."
 )
 
 
-def _selection_arguments(algorithm: str | None, dataset: str | None) -> list[str]:
-    """``--algorithm NAME`` and ``--dataset NAME`` as tyro's subcommand tokens."""
+# Flags that pick a union member by name, and the section they pick in.
+_SELECTION_FLAGS = {
+    "--algorithm": "algorithm",
+    "--algorithm.name": "algorithm",
+    "--dataset": "data",
+    "--data.name": "data",
+    "--aggregator.name": "aggregator",
+    "--attack.name": "attack",
+}
+
+
+def _selection_arguments(selected: dict[str, str]) -> list[str]:
+    """Names picked with flags (``--algorithm fedadam``) as tyro's subcommand tokens."""
     tokens = []
-    if algorithm is not None:
-        if algorithm not in ALGORITHMS:
-            raise ConfigError("algorithm.name", f"unknown algorithm {algorithm!r}; known: {', '.join(ALGORITHMS)}")
-        tokens.append(f"algorithm:{_subcommand(ALGORITHMS[algorithm])}")
-    if dataset is not None:
-        if dataset not in DATASETS:
-            raise ConfigError("data.name", f"unknown dataset {dataset!r}; known: {', '.join(DATASETS)}")
-        family = DATASETS[dataset]
-        tokens.append(f"data:{_subcommand(family)}")
-        if len(section_names(family)) > 1:
-            tokens += ["--data.name", dataset]
+    for section, name in selected.items():
+        registry, _ = UNION_SECTIONS[section]
+        if name not in registry:
+            close = difflib.get_close_matches(name, registry, n=1)
+            hint = f"; did you mean {close[0]!r}?" if close else ""
+            raise ConfigError(f"{section}.name", f"unknown {section} {name!r}{hint} Known: {', '.join(registry)}")
+        member = registry[name]
+        tokens.append(f"{section}:{_subcommand(member)}")
+        if len(section_names(member)) > 1:  # a family of several: its name is a real flag
+            tokens += [f"--{section}.name", name]
     return tokens
 
 
@@ -490,14 +536,19 @@ def parse_run_arguments(argv: Sequence[str]) -> tuple[ExperimentConfig, bool]:
     pre.add_argument("--config", default=None)
     pre.add_argument("--resume", action="store_true")
     pre.add_argument("--quiet", action="store_true")
-    pre.add_argument("--algorithm", default=None)
-    pre.add_argument("--dataset", default=None)
+    for flag in _SELECTION_FLAGS:
+        pre.add_argument(flag, default=None, dest=flag)
     known, rest = pre.parse_known_args(list(argv))
+    selected = {
+        section: getattr(known, flag)
+        for flag, section in _SELECTION_FLAGS.items()
+        if getattr(known, flag) is not None
+    }
     base = load_config(known.config) if known.config else ExperimentConfig()
     config = tyro.cli(
         ExperimentConfig,
         default=base,
-        args=[*_selection_arguments(known.algorithm, known.dataset), *rest],
+        args=[*_selection_arguments(selected), *rest],
         prog="fedjaxsim run",
         description=RUN_DESCRIPTION,
         config=(tyro.conf.CascadeSubcommandArgs,),

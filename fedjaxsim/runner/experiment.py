@@ -26,7 +26,6 @@ from pathlib import Path
 import jax
 import numpy as np
 
-from fedjaxsim.core.client_state import ClientStateStore
 from fedjaxsim.core.engine import build_round
 from fedjaxsim.core.evaluation import batch_for_eval, build_classification_eval
 from fedjaxsim.core.packing import pack_cohort
@@ -202,7 +201,8 @@ def _run_session(config: ExperimentConfig, resume: str, stack: contextlib.ExitSt
     model = get_model(config.model, dataset.num_classes, lowering=config.execution.conv_lowering)
     root_rng = jax.random.key(config.seed)
     params = model.init(root_rng, np.zeros((1, *dataset.input_shape), np.float32))
-    algorithm = build_algorithm(config, classification_loss(model), population)
+    algorithm, client_states = build_algorithm(config, classification_loss(model), dataset, params)
+    store = client_states.store
     plan = execution_plan(config)
     mesh = None
     if config.execution.num_devices > 1:
@@ -215,9 +215,6 @@ def _run_session(config: ExperimentConfig, resume: str, stack: contextlib.ExitSt
             )
         mesh = client_mesh(available[: config.execution.num_devices])
     state = algorithm.init(params)
-    store = None
-    if algorithm.initial_client_state is not None:
-        store = ClientStateStore(algorithm.initial_client_state(params), population)
     history: list[dict] = []
     if meta is not None:
         if meta["data"] != _data_fingerprint(dataset):
@@ -315,13 +312,13 @@ def _run_session(config: ExperimentConfig, resume: str, stack: contextlib.ExitSt
         tic = time.perf_counter()
         round_start = tic - exposed_pack_seconds
         round_rng = jax.random.fold_in(root_rng, round_index)
-        if store is not None:
-            client_states = jax.device_put(
-                store.gather(np.asarray(cohort.client_id)),
-                None if mesh is None else replicated(mesh),
+        if client_states.used:
+            ids = np.asarray(cohort.client_id)
+            gathered = jax.device_put(
+                client_states.gather(ids), None if mesh is None else replicated(mesh)
             )
-            state, out = round_fn(state, cohort, round_rng, client_states)
-            store.scatter(np.asarray(cohort.client_id), jax.device_get(out.client_states))
+            state, out = round_fn(state, cohort, round_rng, gathered)
+            client_states.scatter(ids, jax.device_get(out.client_states))
         else:
             state, out = round_fn(state, cohort, round_rng)
         client_metrics = jax.device_get(out.client_metrics)

@@ -1,40 +1,50 @@
-"""The digits demonstration: sign flipping wrecks the mean, not the robust aggregators."""
+"""The sign-flip presets: a fifth of the clients attacking wrecks the mean, not the median."""
 
-import importlib.util
-import json
 from pathlib import Path
 
-from fedjaxsim.robust.demo import CLEAN_RUN, RobustDemoConfig, run_robust_demo
+import pytest
 
-SCRIPT = Path(__file__).resolve().parents[2] / "scripts" / "robust_demo.py"
+from fedjaxsim.runner.config import load_config, replace
+from fedjaxsim.runner.experiment import run_experiment
 
-
-def test_mean_collapses_while_robust_aggregators_stay_near_the_clean_run():
-    # A shorter run than the script's 60 rounds (gaps there: 2-4 points).
-    results = run_robust_demo(RobustDemoConfig(num_rounds=30))
-    clean = results[CLEAN_RUN]
-    assert clean > 0.85
-    assert results["mean"] < 0.3  # 10 classes: chance is 0.1
-    for name in ("median", "trimmed_mean", "krum"):
-        assert results[name] > clean - 0.06, (name, results)
+CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 
 
-def _load_script():
-    spec = importlib.util.spec_from_file_location("robust_demo_script", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+@pytest.fixture(scope="module")
+def accuracies(tmp_path_factory):
+    """Final test accuracy of the clean run and of the attacked runs (30 of the presets' 60 rounds)."""
+    runs = {
+        "clean": ("digits_sign_flip_mean.yaml", {"attack.name": "none"}),
+        "mean": ("digits_sign_flip_mean.yaml", {}),
+        "median": ("digits_sign_flip_median.yaml", {}),
+    }
+    results = {}
+    for name, (preset, overrides) in runs.items():
+        config = replace(
+            load_config(CONFIGS / preset),
+            **{
+                "training.rounds": 30,
+                "evaluation.every": 30,
+                "evaluation.per_client_every": 0,
+                "checkpoint.every": 0,
+                "logging.progress": False,
+                "logging.tensorboard": False,
+                "output_dir": str(tmp_path_factory.mktemp(name)),
+                **overrides,
+            },
+        )
+        results[name] = run_experiment(config)["final_test_accuracy"]
+    return results
 
 
-def test_script_smoke(tmp_path, capsys):
-    """Two rounds, in-process (the flags the script sets are already set by conftest)."""
-    script = _load_script()
-    output = tmp_path / "robust.json"
-    assert script.main(["--rounds", "2", "--aggregators", "median", "--output", str(output)]) == 0
-    assert "median" in capsys.readouterr().out
-    accuracies = json.loads(output.read_text())["test_accuracy"]
-    assert set(accuracies) == {CLEAN_RUN, "median"}
-    assert script.main(["--rounds", "0"]) == 2
-    assert "num_rounds" in capsys.readouterr().err
-    assert script.main(["--aggregators", "average"]) == 2
-    assert "average" in capsys.readouterr().err
+def test_mean_collapses_while_the_median_stays_near_the_clean_run(accuracies):
+    assert accuracies["clean"] > 0.85
+    assert accuracies["mean"] < 0.3  # 10 classes: chance is 0.1
+    assert accuracies["median"] > accuracies["clean"] - 0.06, accuracies
+
+
+def test_the_presets_differ_only_in_the_aggregator():
+    mean = load_config(CONFIGS / "digits_sign_flip_mean.yaml")
+    median = load_config(CONFIGS / "digits_sign_flip_median.yaml")
+    assert (mean.aggregator.name, median.aggregator.name) == ("mean", "median")
+    assert replace(median, **{"aggregator.name": "mean", "output_dir": mean.output_dir}) == mean
