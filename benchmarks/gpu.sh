@@ -20,5 +20,5 @@ timeout 360 python3 benchmarks/gpu_benchmark.py --out "$OUT/gpu_results.jsonl" "
   | grep -v '^{' 
 echo "benchmark exit: ${PIPESTATUS[0]}"
 JAX_DEFAULT_MATMUL_PRECISION=highest timeout 100 python3 -m pytest -q -x -p no:cacheprovider \
-  tests/test_fed_avg.py tests/test_engine_invariance.py > "$OUT/tests.txt" 2>&1
+  tests/algorithms/test_fed_avg.py tests/engine/test_engine_invariance.py > "$OUT/tests.txt" 2>&1
 echo "GPU tests exit: $?"; tail -3 "$OUT/tests.txt"

@@ -36,6 +36,7 @@ import sys
 import time
 import traceback
 from pathlib import Path
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -46,20 +47,27 @@ from emnist_lookalike import NUM_CLASSES, NUM_CLIENTS, EmnistLookalike  # noqa: 
 
 from fedjaxsim.algorithms.fed_avg import fed_sgd_avg  # noqa: E402
 from fedjaxsim.core.engine import ExecutionPlan, build_round  # noqa: E402
-from fedjaxsim.core.lowering import conv_lowering  # noqa: E402
+from fedjaxsim.core.losses import classification_loss  # noqa: E402
 from fedjaxsim.core.packing import PackingConfig, pack_cohort  # noqa: E402
-from fedjaxsim.models import classification_loss, get_model  # noqa: E402
+from fedjaxsim.models import get_model  # noqa: E402
 
 DEFAULT_PLANS = "c256.lax.nosort,c256.lax,c256.k4.lax,c256.patches,c128.lax,c1024.lax"
 
 
-def parse_plan(name: str, cohort: int) -> tuple[ExecutionPlan, int | None]:
-    """Returns (plan, clients_per_lane) for a dot-separated plan name."""
-    fields = {"clients_per_chunk": None, "conv_lowering": "lax", "sort_chunks": True, "scan_unroll": 1}
-    clients_per_lane = None
+class Layout(NamedTuple):
+    plan: ExecutionPlan  # what the engine does
+    num_lanes: int | None  # pack_cohort(num_lanes=...)
+    clients_per_lane: int | None  # the k of the name
+    lowering: str  # get_model(lowering=...)
+
+
+def parse_plan(name: str, cohort: int) -> Layout:
+    """The layout a dot-separated plan name stands for."""
+    fields = {"clients_per_chunk": None, "sort_chunks": True, "scan_unroll": 1}
+    clients_per_lane, lowering = None, "lax"
     for token in name.split("."):
         if token in ("lax", "patches"):
-            fields["conv_lowering"] = token
+            lowering = token
         elif token == "nosort":
             fields["sort_chunks"] = False
         elif token[:1] == "c" and token[1:].isdigit():
@@ -74,7 +82,7 @@ def parse_plan(name: str, cohort: int) -> tuple[ExecutionPlan, int | None]:
     if clients_per_lane:
         lane_floor = min(cohort, fields["clients_per_chunk"] or cohort)
         num_lanes = max(lane_floor, -(-cohort // clients_per_lane))
-    return ExecutionPlan(num_lanes=num_lanes, **fields), clients_per_lane
+    return Layout(ExecutionPlan(**fields), num_lanes, clients_per_lane, lowering)
 
 
 class ClientCache:
@@ -97,7 +105,7 @@ def cohort_clients(cache: ClientCache, cohort_size: int):
     return [cache(int(i)) for i in ids]
 
 
-def centralized_examples_per_s(loss_fn, params, batch, steps, lowering):
+def centralized_examples_per_s(loss_fn, params, batch, steps):
     rng = np.random.default_rng(batch)
     data = {
         "x": jnp.asarray(rng.integers(0, 256, (steps, batch, 28, 28, 1)).astype(np.uint8)),
@@ -107,8 +115,7 @@ def centralized_examples_per_s(loss_fn, params, batch, steps, lowering):
     @jax.jit
     def train(params, data):
         def step(params, batch_data):
-            with conv_lowering(lowering):
-                grads = jax.grad(lambda p: loss_fn(p, batch_data, jax.random.key(0)).mean())(params)
+            grads = jax.grad(lambda p: loss_fn(p, batch_data, jax.random.key(0)).mean())(params)
             return jax.tree.map(lambda p, g: p - 0.1 * g, params, grads), None
 
         return jax.lax.scan(step, params, data)[0]
@@ -122,12 +129,13 @@ def centralized_examples_per_s(loss_fn, params, batch, steps, lowering):
     return steps * batch / min(times)
 
 
-def time_plan(plan_name, cohort_size, clients, algorithm, params, rounds, context):
-    plan, clients_per_lane = parse_plan(plan_name, cohort_size)
+def time_plan(plan_name, cohort_size, clients, algorithms, params, rounds, context):
+    layout = parse_plan(plan_name, cohort_size)
+    plan, algorithm = layout.plan, algorithms[layout.lowering]
     tic = time.perf_counter()
     cohort = pack_cohort(
         clients, np.arange(cohort_size), PackingConfig(batch_size=20, step_bucket="geometric"),
-        seed=0, round_index=0, num_total_clients=cohort_size, num_lanes=plan.num_lanes,
+        seed=0, round_index=0, num_total_clients=cohort_size, num_lanes=layout.num_lanes,
     )
     pack_seconds = time.perf_counter() - tic
     cohort = jax.device_put(cohort)
@@ -149,8 +157,8 @@ def time_plan(plan_name, cohort_size, clients, algorithm, params, rounds, contex
     loss = float(np.sum(output.client_metrics["loss_sum"]) / max(examples, 1))
     return {
         **context, "plan": plan_name, "cohort": cohort_size, "batch": 20,
-        "clients_per_chunk": plan.clients_per_chunk, "num_lanes": plan.num_lanes,
-        "clients_per_lane": clients_per_lane, "conv_lowering": plan.conv_lowering,
+        "clients_per_chunk": plan.clients_per_chunk, "num_lanes": layout.num_lanes,
+        "clients_per_lane": layout.clients_per_lane, "conv_lowering": layout.lowering,
         "sort_chunks": plan.sort_chunks, "sec_per_round": round(seconds, 4),
         "examples_per_s": round(examples / seconds, 1),
         "compile_s": round(first - seconds, 2), "pack_s": round(pack_seconds, 2),
@@ -162,16 +170,18 @@ def time_plan(plan_name, cohort_size, clients, algorithm, params, rounds, contex
 
 def run_model(model_name, args, started, emit, cache):
     """Central ceiling, plan sweep and cohort curve of one model."""
-    model = get_model(model_name, NUM_CLASSES)
-    params = model.init(jax.random.key(0), jnp.zeros((1, 28, 28, 1)))
-    loss_fn = classification_loss(model)
-    algorithm = fed_sgd_avg(loss_fn, client_learning_rate=0.1, server_learning_rate=1.0)
+    losses = {lowering: classification_loss(get_model(model_name, NUM_CLASSES, lowering)) for lowering in ("lax", "patches")}
+    params = get_model(model_name, NUM_CLASSES).init(jax.random.key(0), jnp.zeros((1, 28, 28, 1)))
+    algorithms = {
+        lowering: fed_sgd_avg(loss_fn, client_learning_rate=0.1, server_learning_rate=1.0)
+        for lowering, loss_fn in losses.items()
+    }
     device = f"{jax.devices()[0].platform}:{jax.devices()[0].device_kind}"
     central = {}
     for batch in [int(b) for b in args.central_batches.split(",")]:
-        for lowering in ("lax", "patches"):
+        for lowering, loss_fn in losses.items():
             try:
-                central[(batch, lowering)] = centralized_examples_per_s(loss_fn, params, batch, 10, lowering)
+                central[(batch, lowering)] = centralized_examples_per_s(loss_fn, params, batch, 10)
                 emit({"model": model_name, "central_batch": batch, "conv_lowering": lowering,
                       "examples_per_s": round(central[(batch, lowering)], 1), "device": device})
             except Exception:  # noqa: BLE001 (one failure must not end the run)
@@ -192,7 +202,7 @@ def run_model(model_name, args, started, emit, cache):
             if over_budget(f"plan {name}", args.sweep_budget):
                 continue
             try:
-                row = time_plan(name, args.sweep_cohort, clients, algorithm, params, args.rounds, context)
+                row = time_plan(name, args.sweep_cohort, clients, algorithms, params, args.rounds, context)
                 sweep.append(row)
                 emit({"part": "sweep", **row})
             except Exception:  # noqa: BLE001
@@ -209,7 +219,7 @@ def run_model(model_name, args, started, emit, cache):
         if over_budget(f"cohort {cohort_size}"):
             continue
         try:
-            row = time_plan(curve_plan, cohort_size, cohort_clients(cache, cohort_size), algorithm, params, args.rounds, context)
+            row = time_plan(curve_plan, cohort_size, cohort_clients(cache, cohort_size), algorithms, params, args.rounds, context)
             curve.append(row)
             emit({"part": "curve", **row})
         except Exception:  # noqa: BLE001

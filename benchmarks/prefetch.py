@@ -34,7 +34,7 @@ from emnist_lookalike import NUM_CLASSES, EmnistLookalike  # noqa: E402
 
 from fedjaxsim.algorithms.fed_avg import fed_sgd_avg  # noqa: E402
 from fedjaxsim.core.engine import build_round, default_plan  # noqa: E402
-from fedjaxsim.core.packing import PackingConfig, pack_cohort  # noqa: E402
+from fedjaxsim.core.packing import PackingConfig, default_num_lanes, pack_cohort  # noqa: E402
 from fedjaxsim.core.sampling import sample_uniform  # noqa: E402
 from fedjaxsim.models import classification_loss, get_model  # noqa: E402
 from fedjaxsim.runner.platform import configure_xla_cpu  # noqa: E402
@@ -62,7 +62,7 @@ def run(model_name: str, cohort_size: int, rounds: int, seed: int = 0) -> dict:
         ids = sampled[round_index]
         cohort = pack_cohort(
             [clients[int(i)] for i in ids], ids, packing, seed=seed, round_index=round_index,
-            num_total_clients=population.num_clients, num_lanes=plan.num_lanes,
+            num_total_clients=population.num_clients, num_lanes=default_num_lanes(),
         )
         return jax.device_put(cohort), time.perf_counter() - tic
 

@@ -44,13 +44,13 @@ Usage:
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import os
 import statistics
 import sys
 import time
 from pathlib import Path
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -61,35 +61,39 @@ from emnist_lookalike import NUM_CLASSES, EmnistLookalike  # noqa: E402
 
 from fedjaxsim.algorithms.fed_avg import fed_sgd_avg  # noqa: E402
 from fedjaxsim.core.engine import ExecutionPlan, build_round, default_plan  # noqa: E402
-from fedjaxsim.core.lowering import conv_lowering  # noqa: E402
-from fedjaxsim.core.packing import PackingConfig, pack_cohort  # noqa: E402
+from fedjaxsim.core.losses import classification_loss  # noqa: E402
+from fedjaxsim.core.packing import PackingConfig, default_num_lanes, pack_cohort  # noqa: E402
 from fedjaxsim.core.sharding import client_mesh, replicated, shard_cohort  # noqa: E402
-from fedjaxsim.models import classification_loss, get_model  # noqa: E402
+from fedjaxsim.models import default_lowering, get_model  # noqa: E402
 from fedjaxsim.runner.platform import RECOMMENDED_YNN_FUSION_TYPES, configure_xla_cpu, default_host_device_count  # noqa: E402
 
 
-def named_plans(names: list[str], num_devices: int = 1) -> dict[str, ExecutionPlan]:
-    """Execution plans by short name; "default" is fedjaxsim's default_plan()
-    (on several devices the runner's rule: a one-lane plan gets a lane per device)."""
-    base = default_plan()
-    plans = {}
+class Layout(NamedTuple):
+    """How a named plan runs: the lanes it packs, the engine's plan, the conv lowering."""
+
+    num_lanes: int | None  # pack_cohort(num_lanes=...)
+    plan: ExecutionPlan
+    lowering: str  # get_model(lowering=...)
+
+
+def named_plans(names: list[str], num_devices: int = 1) -> dict[str, Layout]:
+    """Layouts by short name; "default" is fedjaxsim's defaults for the backend
+    (default_num_lanes, default_plan, default_lowering), as `fedjaxsim run` uses."""
+    lowering = default_lowering()
+    layouts = {}
     for name in names:
         if name == "default":
-            if base.num_lanes == 1 and num_devices > 1:
-                base = dataclasses.replace(base, num_lanes=num_devices)
-            plans[name] = base
+            layouts[name] = Layout(default_num_lanes(num_devices=num_devices), default_plan(), lowering)
         elif name == "vmap":  # one client per lane, whole cohort in one vmap
-            plans[name] = ExecutionPlan(conv_lowering=base.conv_lowering)
+            layouts[name] = Layout(None, ExecutionPlan(), lowering)
         elif name.startswith("lanes"):  # lanesN or lanesNuK (scan unroll K)
             lanes, _, unroll = name[5:].partition("u")
-            plans[name] = ExecutionPlan(
-                num_lanes=int(lanes), scan_unroll=int(unroll or 1), conv_lowering=base.conv_lowering
-            )
+            layouts[name] = Layout(int(lanes), ExecutionPlan(scan_unroll=int(unroll or 1)), lowering)
         elif name == "lax":  # XLA convolutions, one client per lane
-            plans[name] = ExecutionPlan(conv_lowering="lax")
+            layouts[name] = Layout(None, ExecutionPlan(), "lax")
         else:
             raise ValueError(f"unknown plan {name!r}")
-    return plans
+    return layouts
 
 
 class CentralizedLimit:
@@ -108,9 +112,8 @@ class CentralizedLimit:
     """
 
     def __init__(self, model_name: str, batch: int, cohort: int, min_seconds: float = 0.3):
-        model = get_model(model_name, NUM_CLASSES)
-        self.params = model.init(jax.random.key(0), jnp.zeros((1, 28, 28, 1)))
-        loss_fn = classification_loss(model)
+        models = {lowering: get_model(model_name, NUM_CLASSES, lowering) for lowering in ("lax", "patches")}
+        self.params = models["patches"].init(jax.random.key(0), jnp.zeros((1, 28, 28, 1)))
         rng = np.random.default_rng(0)
         self.min_seconds = min_seconds
         self.candidates = []  # (run(params) -> params, examples per run, size, lowering, mode)
@@ -126,9 +129,8 @@ class CentralizedLimit:
                     for _ in range(steps)
                 ]
 
-                def step(params, batch_data, key, lowering=lowering):
-                    with conv_lowering(lowering):
-                        grads = jax.grad(lambda p: loss_fn(p, batch_data, key).mean())(params)
+                def step(params, batch_data, key, loss_fn=classification_loss(models[lowering])):
+                    grads = jax.grad(lambda p: loss_fn(p, batch_data, key).mean())(params)
                     return jax.tree.map(lambda p, g: p - 0.1 * g, params, grads)
 
                 jitted = jax.jit(step)
@@ -187,11 +189,11 @@ class FederatedRun:
     handful of shapes are compiled).
     """
 
-    def __init__(self, model_name, cohort, plan, rounds, batch, population, step_bucket, mesh=None):
-        model = get_model(model_name, NUM_CLASSES)
+    def __init__(self, model_name, cohort, layout, rounds, batch, population, step_bucket, mesh=None):
+        model = get_model(model_name, NUM_CLASSES, layout.lowering)
         params = model.init(jax.random.key(0), jnp.zeros((1, 28, 28, 1)))
         algorithm = fed_sgd_avg(classification_loss(model), client_learning_rate=0.1, server_learning_rate=1.0)
-        self.round_fn = build_round(algorithm, plan, mesh=mesh)
+        self.round_fn = build_round(algorithm, layout.plan, mesh=mesh)
         packing = PackingConfig(batch_size=batch, num_epochs=1, step_bucket=step_bucket)
         self.cohorts, self.pack_times = [], []
         for round_index in range(rounds):
@@ -200,7 +202,7 @@ class FederatedRun:
             tic = time.perf_counter()
             packed = pack_cohort(
                 clients, ids, packing, seed=0, round_index=round_index,
-                num_total_clients=population.num_clients, num_lanes=plan.num_lanes,
+                num_total_clients=population.num_clients, num_lanes=layout.num_lanes,
             )
             self.pack_times.append(time.perf_counter() - tic)
             self.cohorts.append(jax.device_put(packed) if mesh is None else shard_cohort(packed, mesh))
@@ -254,7 +256,7 @@ def measure(model_name, cohort, plans, rounds, batch, population, step_bucket, m
     loop_median = medians[loop_best]
     records = []
     for name, run in runs.items():
-        plan = plans[name]
+        layout = plans[name]
         rates = [run.examples / seconds for seconds in passes[name]]
         rate = statistics.median_low(rates)
         masks = [np.asarray(packed.mask) for packed in run.cohorts]
@@ -263,9 +265,9 @@ def measure(model_name, cohort, plans, rounds, batch, population, step_bucket, m
             "cohort": cohort,
             "batch": batch,
             "plan": name,
-            "num_lanes": plan.num_lanes,
-            "clients_per_chunk": plan.clients_per_chunk,
-            "conv_lowering": plan.conv_lowering,
+            "num_lanes": layout.num_lanes,
+            "clients_per_chunk": layout.plan.clients_per_chunk,
+            "conv_lowering": layout.lowering,
             "rounds": rounds,
             "repeats": repeats,
             "step_bucket": step_bucket,

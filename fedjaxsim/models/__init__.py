@@ -21,9 +21,9 @@ MODEL_NAMES = ("cnn", "dense", "logreg")
 def default_lowering(backend: str | None = None) -> str:
     """The measured default convolution lowering: patches, on CPU and GPU alike.
 
-    On XLA:CPU XLA's convolution gradient is about 14x slower inside a loop;
-    on an H200 the patches were 2.4-15x faster than the grouped convolutions
-    that vmap makes (benchmarks/RESULTS.md). TPUs were not measured.
+    XLA's convolution gradient is slow inside a loop on XLA:CPU, and vmap over
+    per-client kernels makes grouped convolutions, slower than the patches on
+    both CPU and GPU (benchmarks/RESULTS.md). TPUs were not measured.
     """
     del backend
     return "patches"

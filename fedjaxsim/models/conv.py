@@ -4,11 +4,11 @@
 ``[kh, kw, in, out]`` and ``bias``) and computes the same function, lowered as
 either ``lax.conv_general_dilated`` or "patches": the ``kh * kw`` shifted
 slices of the input concatenated on the channel axis, then one matmul. On
-XLA:CPU a convolution's gradient inside any loop runs about 14x slower (jax
-issue 12868) and vmap over per-client kernels becomes a grouped convolution,
-2-3x slower; the patches form avoids both, and was also faster than grouped
-convolutions on an H200 (benchmarks/RESULTS.md). The lowering is chosen when
-the model is built (``fedjaxsim.models.get_model``).
+XLA:CPU a convolution's gradient inside any loop is an order of magnitude
+slower (jax issue 12868) and vmap over per-client kernels becomes a grouped
+convolution; the patches form avoids both, and also beat grouped convolutions
+on GPUs (benchmarks/RESULTS.md). The lowering is chosen when the model is
+built (``fedjaxsim.models.get_model``).
 """
 
 from __future__ import annotations

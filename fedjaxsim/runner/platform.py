@@ -1,10 +1,10 @@
 """Process-wide XLA settings, chosen by measurement (benchmarks/RESULTS.md).
 
-On XLA:CPU (jax 0.10.2) the YNNPACK "reduce" fusion runs a sum over the
-leading axis of a [10, 784, 62] array in about 4.6 ms, where plain XLA takes
-about 0.05 ms. Reductions like that are everywhere in a federated round (the
-sum of client updates, bias gradients), so we keep YNNPACK for matmuls and
-convolutions and turn its reduce and elementwise fusions off.
+On XLA:CPU the YNNPACK "reduce" fusion sums over a short leading axis far
+slower than plain XLA does (benchmarks/RESULTS.md). Reductions like that are
+everywhere in a federated round (the sum of client updates, bias gradients),
+so we keep YNNPACK for matmuls and convolutions and turn its reduce and
+elementwise fusions off.
 
 These are process-wide flags read when JAX creates its CPU backend, so they
 are set by entry points (the CLI, scripts, benchmarks, the test suite), never
@@ -25,11 +25,9 @@ def default_host_device_count(limit: int = 8) -> int:
     """One XLA:CPU device per usable core, at most ``limit``.
 
     The CLI splits the host this way so that ``--execution.num-devices N``
-    works without setting ``XLA_FLAGS``. Measured on the 2-core VM
-    (benchmarks/RESULTS.md): two lanes on two host devices train logistic
-    regression and the 2x200 dense net 1.4-1.9x faster than one lane on one
-    device (a batch-20 step keeps only one core busy); the CNN runs at the
-    same speed. Runs on one device are unaffected.
+    works without setting ``XLA_FLAGS``: a batch-20 step keeps only one core
+    busy, so one lane per device trains in parallel (benchmarks/RESULTS.md
+    has the figures). Runs on one device are unaffected.
     """
     try:
         cores = len(os.sched_getaffinity(0))

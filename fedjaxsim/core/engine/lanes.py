@@ -65,9 +65,8 @@ def add_leading_axis(tree: PyTree) -> PyTree:
 
 
 def sum_leading(tree: PyTree) -> PyTree:
-    """Sum over axis 0. Short axes are added pairwise: on XLA:CPU the YNNPACK
-    reduce fusion is about 50x slower than plain adds for a ``[10, 784, 62]``
-    sum (benchmarks/RESULTS.md)."""
+    """Sum over axis 0. Short axes are added one by one: on XLA:CPU the YNNPACK
+    reduce fusion is much slower than plain adds there (benchmarks/RESULTS.md)."""
 
     def total(leaf):
         if leaf.shape[0] <= 32:
