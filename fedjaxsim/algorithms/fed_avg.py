@@ -227,46 +227,35 @@ def _adaptive_server(second_moment, form, server_learning_rate, b1, b2, eps):
     return optimizer(server_learning_rate, b1=b1, b2=b2, eps=eps)
 
 
-def fed_adam(
-    per_example_loss_fn: PerExampleLossFn,
-    client_learning_rate: float = 10**-1.5,
-    server_learning_rate: float = 10**-2.5,
-    b1: float = 0.9,
-    b2: float = 0.99,
-    eps: float = 1e-4,
-    form: str = "bias_corrected",
-) -> Algorithm:
-    """FedAdam (Reddi et al. 2020), defaults tuned there for EMNIST CNN.
+def _adaptive_builder(second_moment: str, name: str):
+    """The builder of FedAdam or FedYogi: the same signature, defaults and forms."""
 
-    ``eps`` is the adaptivity ``tau``; ``form`` is ``"bias_corrected"`` or
-    ``"paper"`` (module docstring).
-    """
-    return fed_avg(
-        per_example_loss_fn,
-        _sgd("client_learning_rate", client_learning_rate),
-        _adaptive_server("adam", form, server_learning_rate, b1, b2, eps),
+    def build(
+        per_example_loss_fn: PerExampleLossFn,
+        client_learning_rate: float = 10**-1.5,
+        server_learning_rate: float = 10**-2.5,
+        b1: float = 0.9,
+        b2: float = 0.99,
+        eps: float = 1e-4,
+        form: str = "bias_corrected",
+    ) -> Algorithm:
+        return fed_avg(
+            per_example_loss_fn,
+            _sgd("client_learning_rate", client_learning_rate),
+            _adaptive_server(second_moment, form, server_learning_rate, b1, b2, eps),
+        )
+
+    build.__name__ = build.__qualname__ = name.lower().replace("fed", "fed_")
+    build.__doc__ = (
+        f"{name} (Reddi et al. 2020), defaults tuned there for EMNIST CNN.\n\n"
+        "``eps`` is the adaptivity ``tau``; ``form`` is ``\"bias_corrected\"`` or\n"
+        "``\"paper\"`` (module docstring)."
     )
+    return build
 
 
-def fed_yogi(
-    per_example_loss_fn: PerExampleLossFn,
-    client_learning_rate: float = 10**-1.5,
-    server_learning_rate: float = 10**-2.5,
-    b1: float = 0.9,
-    b2: float = 0.99,
-    eps: float = 1e-4,
-    form: str = "bias_corrected",
-) -> Algorithm:
-    """FedYogi (Reddi et al. 2020), defaults tuned there for EMNIST CNN.
-
-    ``eps`` is the adaptivity ``tau``; ``form`` is ``"bias_corrected"`` or
-    ``"paper"`` (module docstring).
-    """
-    return fed_avg(
-        per_example_loss_fn,
-        _sgd("client_learning_rate", client_learning_rate),
-        _adaptive_server("yogi", form, server_learning_rate, b1, b2, eps),
-    )
+fed_adam = _adaptive_builder("adam", "FedAdam")
+fed_yogi = _adaptive_builder("yogi", "FedYogi")
 
 
 def fed_adagrad(

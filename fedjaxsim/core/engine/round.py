@@ -76,6 +76,29 @@ def _check_client_states(algorithm: Algorithm, client_states: PyTree) -> None:
         )
 
 
+def _check_side_channel(algorithm: Algorithm, aggregate, context, client_states) -> None:
+    """Raises unless the aggregate carries exactly the side channel the clients send.
+
+    The side channel is derived from client data: an aggregator must combine
+    it with the update (privatise or protect it too), never drop it.
+    """
+    first_state = jax.tree.map(lambda leaf: leaf[0], client_states)
+    declared = jax.eval_shape(
+        lambda: algorithm.client_finalize(
+            context.broadcast,
+            algorithm.client_init(context.broadcast, first_state, context.client_rng),
+        )
+    )
+    for channel in ("means", "sums"):
+        sent, received = set(getattr(declared, channel)), set(getattr(aggregate, channel))
+        if sent != received:
+            raise ValueError(
+                f"the aggregator returned side-channel {channel} {sorted(received)}, but the "
+                f"clients send {sorted(sent)}: an aggregator must combine the clients' whole "
+                "message (e.g. clip and noise it jointly), or refuse the algorithm"
+            )
+
+
 def build_round(algorithm: Algorithm, plan: ExecutionPlan | None = None, mesh=None):
     """Builds the jitted round function of ``algorithm`` under ``plan``.
 
@@ -117,6 +140,7 @@ def build_round(algorithm: Algorithm, plan: ExecutionPlan | None = None, mesh=No
         aggregate, aggregator_state, aggregation_metrics = algorithm.aggregator.finalize(
             contributions, aggregator_state, server_rng
         )
+        _check_side_channel(algorithm, aggregate, context, client_states)
         # 4. The server update.
         server_state = replace_aggregator_state(server_state, aggregator_state)
         server_state, server_metrics = algorithm.server_update(
