@@ -1,5 +1,9 @@
 """Shared fixtures. Tests run on one CPU device; multi-device tests spawn a
-subprocess with XLA_FLAGS set, so everything else stays fast."""
+subprocess with XLA_FLAGS set, so everything else stays fast.
+
+Synthetic clients come from :func:`fedjaxsim.testing.synthetic_clients`; the
+logistic-regression fixtures match its default shapes.
+"""
 
 from __future__ import annotations
 
@@ -13,31 +17,30 @@ import pytest  # noqa: E402
 
 from fedjaxsim.models import classification_loss, from_linen, get_model  # noqa: E402
 from fedjaxsim.models.zoo import LogisticRegression  # noqa: E402
+from fedjaxsim.testing import synthetic_clients  # noqa: E402
 
-NUM_FEATURES = 12
-NUM_CLASSES = 5
+# The default shapes of synthetic_clients: x float32[n, 12], y in [0, 5).
+SYNTHETIC_FEATURES = 12
+SYNTHETIC_CLASSES = 5
+
+# Deprecated aliases, kept while other test folders still import them.
+NUM_FEATURES = SYNTHETIC_FEATURES
+NUM_CLASSES = SYNTHETIC_CLASSES
 
 
 def make_clients(sizes, seed=0, num_features=NUM_FEATURES, num_classes=NUM_CLASSES):
-    """Synthetic classification clients with the given sizes (float32 x, int32 y)."""
-    rng = np.random.default_rng(seed)
-    centers = rng.normal(size=(num_classes, num_features))
-    clients = []
-    for n in sizes:
-        y = rng.integers(0, num_classes, size=n).astype(np.int32)
-        x = (centers[y] + rng.normal(size=(n, num_features))).astype(np.float32)
-        clients.append({"x": x, "y": y})
-    return clients
+    """Deprecated: use :func:`fedjaxsim.testing.synthetic_clients` (same data)."""
+    return synthetic_clients(sizes, seed=seed, num_features=num_features, num_classes=num_classes)
 
 
 @pytest.fixture(scope="session")
 def logreg_model():
-    return from_linen(LogisticRegression(num_classes=NUM_CLASSES))
+    return from_linen(LogisticRegression(num_classes=SYNTHETIC_CLASSES))
 
 
 @pytest.fixture(scope="session")
 def logreg_params(logreg_model):
-    params = logreg_model.init(jax.random.key(0), np.zeros((1, NUM_FEATURES), np.float32))
+    params = logreg_model.init(jax.random.key(0), np.zeros((1, SYNTHETIC_FEATURES), np.float32))
     # Non-zero start so that every coordinate moves.
     return jax.tree.map(lambda p: p + 0.01, params)
 

@@ -126,15 +126,26 @@ def clip_by_global_norm(update: PyTree, clip_norm) -> tuple[PyTree, jax.Array]:
     return tree_scale(update, scale), norm
 
 
+def split_like(vector: jax.Array, tree: PyTree) -> PyTree:
+    """Cuts a flat ``vector`` into a pytree shaped like ``tree``, in leaf order.
+
+    Random draws for a whole pytree are made as one flat vector and cut with
+    this: every draw compiles its own PRNG kernel, so one draw per leaf made a
+    round of a many-leaf model several times slower to compile.
+    """
+    leaves, treedef = jax.tree.flatten(tree)
+    ends = np.cumsum([math.prod(leaf.shape) for leaf in leaves])
+    parts = jnp.split(vector, ends[:-1]) if leaves else []
+    return jax.tree.unflatten(
+        treedef, [part.reshape(leaf.shape) for part, leaf in zip(parts, leaves)]
+    )
+
+
 def add_gaussian_noise(tree: PyTree, stddev, rng: jax.Array) -> PyTree:
     """``tree`` plus independent ``N(0, stddev^2)`` noise on every element."""
-    leaves, treedef = jax.tree.flatten(tree)
-    keys = jax.random.split(rng, len(leaves))
-    noised = [
-        leaf + (stddev * jax.random.normal(key, leaf.shape, jnp.float32)).astype(leaf.dtype)
-        for leaf, key in zip(leaves, keys)
-    ]
-    return jax.tree.unflatten(treedef, noised)
+    size = sum(math.prod(leaf.shape) for leaf in jax.tree.leaves(tree))
+    noise = split_like(stddev * jax.random.normal(rng, (size,), jnp.float32), tree)
+    return jax.tree.map(lambda leaf, leaf_noise: leaf + leaf_noise.astype(leaf.dtype), tree, noise)
 
 
 def update_noise_multiplier(noise_multiplier: float, clipped_count_stddev: float) -> float:

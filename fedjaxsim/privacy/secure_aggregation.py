@@ -65,7 +65,7 @@ from fedjaxsim.core.aggregators import Aggregate, Aggregator, Contribution
 from fedjaxsim.core.trees import tree_size, tree_where, tree_zeros_like
 from fedjaxsim.core.types import PyTree
 from fedjaxsim.core.validation import InvalidArgument, check_int, check_real
-from fedjaxsim.privacy.dp_fed_avg import clip_by_global_norm
+from fedjaxsim.privacy.dp_fed_avg import clip_by_global_norm, split_like
 
 MIN_QUANTIZATION_BITS = 2
 MAX_QUANTIZATION_BITS = 31
@@ -107,14 +107,14 @@ def quantize_to_fixed_point(
     """
     scale = quantization_scale(clip_norm, quantization_bits)
     limit = (1 << (quantization_bits - 1)) - 1
-    leaves, treedef = jax.tree.flatten(tree)
-    keys = jax.random.split(rng, len(leaves))
-    quantized = []
-    for leaf, key in zip(leaves, keys):
-        scaled = leaf.astype(jnp.float32) * scale
-        rounded = jnp.floor(scaled + jax.random.uniform(key, leaf.shape, jnp.float32))
-        quantized.append(jnp.clip(rounded, -limit, limit).astype(jnp.int32))
-    return jax.tree.unflatten(treedef, quantized)
+    size = tree_size(tree)
+    offsets = split_like(jax.random.uniform(rng, (size,), jnp.float32), tree)  # one draw
+
+    def quantize(leaf, offset):
+        rounded = jnp.floor(leaf.astype(jnp.float32) * scale + offset)
+        return jnp.clip(rounded, -limit, limit).astype(jnp.int32)
+
+    return jax.tree.map(quantize, tree, offsets)
 
 
 def _pair_key(round_key: jax.Array, first: jax.Array, second: jax.Array) -> jax.Array:
@@ -128,16 +128,9 @@ def _self_key(round_key: jax.Array, position: jax.Array) -> jax.Array:
 
 
 def _prg(key: jax.Array, template: PyTree, modulus_bits: int) -> PyTree:
-    """Uniform integers in ``[0, 2^b)`` shaped like ``template`` (one stream per leaf)."""
-    leaves, treedef = jax.tree.flatten(template)
-    mask = _modulus_mask(modulus_bits)
-    return jax.tree.unflatten(
-        treedef,
-        [
-            jax.random.bits(jax.random.fold_in(key, index), leaf.shape, jnp.uint32) & mask
-            for index, leaf in enumerate(leaves)
-        ],
-    )
+    """Uniform integers in ``[0, 2^b)`` shaped like ``template`` (one stream, cut per leaf)."""
+    bits = jax.random.bits(key, (tree_size(template),), jnp.uint32) & _modulus_mask(modulus_bits)
+    return split_like(bits, template)
 
 
 def pairwise_mask(

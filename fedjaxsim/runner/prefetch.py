@@ -19,7 +19,12 @@ Prepared = TypeVar("Prepared")
 
 
 def prefetch_rounds(
-    prepare: Callable[[int], Prepared], start: int, stop: int, *, ahead: bool = True
+    prepare: Callable[[int], Prepared],
+    start: int,
+    stop: int,
+    *,
+    ahead: bool = True,
+    clock: Callable[[], float] = time.perf_counter,
 ) -> Iterator[tuple[int, Prepared, float]]:
     """Yields ``(round_index, prepare(round_index), seconds_waited)`` for
     ``round_index`` in ``[start, stop)``.
@@ -30,20 +35,25 @@ def prefetch_rounds(
     synchronously when asked for (the baseline: everything is exposed).
     If the consumer stops early or raises, the pending preparation is
     cancelled or awaited before the generator closes, so no thread outlives it.
+
+    ``clock`` (seconds, read only by the consuming thread: once when a round
+    is asked for and once when it is handed out) measures the wait; tests
+    pass a clock that moves only while a preparation works, which makes the
+    exposed time exact instead of a wall-clock estimate.
     """
     if not ahead:
         for round_index in range(start, stop):
-            tic = time.perf_counter()
+            tic = clock()
             prepared = prepare(round_index)
-            yield round_index, prepared, time.perf_counter() - tic
+            yield round_index, prepared, clock() - tic
         return
     executor = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="fedjaxsim-prefetch")
     try:
         pending = executor.submit(prepare, start) if start < stop else None
         for round_index in range(start, stop):
-            tic = time.perf_counter()
+            tic = clock()
             prepared = pending.result()
-            waited = time.perf_counter() - tic
+            waited = clock() - tic
             if round_index + 1 < stop:
                 pending = executor.submit(prepare, round_index + 1)
             yield round_index, prepared, waited

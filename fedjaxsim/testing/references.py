@@ -6,6 +6,13 @@ the server averages the deltas by weight". The only thing shared with the
 library is the documented shuffling rule (a NumPy Generator seeded with
 ``[0x5EED5F1E, seed, round, client_id]``, one permutation per epoch), which
 defines *which* examples form a batch, not how they are trained on.
+
+Models are lists of float64 arrays with a ``loss_and_grad(params, x, y) ->
+(mean loss, list of gradients)`` function. Every client of every reference
+trains with :func:`local_sgd`, the one client loop; server optimizers are
+small float64 objects called as ``optimizer(params, pseudo_gradient) ->
+params``, where the pseudo-gradient is the weighted mean of the clients'
+``server - client`` deltas.
 """
 
 from __future__ import annotations
@@ -39,6 +46,13 @@ def softmax_loss_and_grad(weights, bias, x, y):
     return loss, x.T @ residual / n, residual.mean(axis=0)
 
 
+def softmax_regression_loss_and_grad(params, x, y):
+    """:func:`softmax_loss_and_grad` for ``params = [weights, bias]``."""
+    weights, bias = params
+    loss, grad_weights, grad_bias = softmax_loss_and_grad(weights, bias, x, y)
+    return loss, [grad_weights, grad_bias]
+
+
 def epoch_batches(num_examples, batch_size, num_epochs, seed, round_index, client_id, max_steps=None):
     """The example indices of each local step, per the documented shuffling rule."""
     rng = np.random.default_rng([SHUFFLE_STREAM, seed, round_index, client_id])
@@ -48,6 +62,124 @@ def epoch_batches(num_examples, batch_size, num_epochs, seed, round_index, clien
         for start in range(0, num_examples, batch_size):
             batches.append(order[start : start + batch_size])
     return batches if max_steps is None else batches[:max_steps]
+
+
+class RoundSchedule(NamedTuple):
+    """Which examples each local step of a round trains on, and how clients weigh.
+
+    The reference's side of ``PackingConfig`` (batch size, epochs, step cap,
+    weighting) plus the shuffling seeds of the round.
+    """
+
+    batch_size: int
+    num_epochs: int
+    seed: int
+    round_index: int
+    max_steps: int | None = None
+    weighting: str = "num_examples"  # or "num_processed", "uniform"
+
+    def batches(self, num_examples, client_id):
+        """The example indices of each of the client's local steps."""
+        return epoch_batches(
+            num_examples,
+            self.batch_size,
+            self.num_epochs,
+            self.seed,
+            self.round_index,
+            client_id,
+            self.max_steps,
+        )
+
+    def weight(self, num_examples, num_processed):
+        """A client's aggregation weight: its dataset size, examples trained on, or 1."""
+        return {"num_examples": num_examples, "num_processed": num_processed, "uniform": 1.0}[
+            self.weighting
+        ]
+
+
+class LocalRun(NamedTuple):
+    """One client's local training."""
+
+    params: list  # float64 arrays: the client's model after its last step
+    num_steps: int  # local steps taken
+    num_examples: int  # examples trained on (with repeats over epochs)
+    loss_sum: float  # sum over those examples of the loss at the model each step starts from
+
+
+def local_sgd(
+    params, x, y, batches, *, loss_and_grad, learning_rate, momentum=0.0, correction=None
+):
+    """The client loop every reference shares: SGD from ``params`` over ``batches``.
+
+    Each step, on the batch's examples::
+
+        d = grad F(w) + correction(w)      # correction: None, or a list like w
+        m = momentum * m + d                # m = d without momentum
+        w = w - learning_rate * m           # optax.sgd(learning_rate, momentum)
+
+    Returns:
+      A :class:`LocalRun`.
+    """
+    local = [p.copy() for p in params]
+    velocity = [np.zeros_like(p) for p in params]
+    loss_sum, num_examples = 0.0, 0
+    for batch in batches:
+        loss, grads = loss_and_grad(local, x[batch], y[batch])
+        if correction is not None:
+            grads = [g + c for g, c in zip(grads, correction(local))]
+        velocity = [momentum * v + g for v, g in zip(velocity, grads)]
+        local = [w - learning_rate * v for w, v in zip(local, velocity)]
+        loss_sum += loss * len(batch)
+        num_examples += len(batch)
+    return LocalRun(local, len(batches), num_examples, loss_sum)
+
+
+def weighted_mean(vectors, weights):
+    """``sum_i w_i v_i / sum_i w_i`` for lists of arrays ``v_i``."""
+    total = float(sum(weights))
+    return [sum(w * v[i] for w, v in zip(weights, vectors)) / total for i in range(len(vectors[0]))]
+
+
+def fed_avg_round(
+    params,
+    clients,
+    client_ids,
+    schedule,
+    *,
+    loss_and_grad,
+    client_learning_rate,
+    server_optimizer=None,
+):
+    """One FedAvg round (McMahan et al. 2017), with a server optimizer (Reddi et al. 2020).
+
+    Every client runs local SGD from ``params``; the server feeds the
+    weighted mean of the deltas ``params - client params`` to
+    ``server_optimizer`` as a pseudo-gradient. The default, SGD with learning
+    rate 1, sets the params to the weighted mean of the client models.
+
+    Args:
+      clients: list of (x float64[n, ...], y[n]).
+      client_ids: population ids (the shuffling seeds).
+      schedule: a :class:`RoundSchedule`.
+
+    Returns:
+      ``(new params, list of every client's LocalRun)``.
+    """
+    server_optimizer = ServerSgd(1.0) if server_optimizer is None else server_optimizer
+    deltas, weights, runs = [], [], []
+    for (x, y), client_id in zip(clients, client_ids):
+        run = local_sgd(
+            params,
+            x,
+            y,
+            schedule.batches(len(y), client_id),
+            loss_and_grad=loss_and_grad,
+            learning_rate=client_learning_rate,
+        )
+        deltas.append([s - w for s, w in zip(params, run.params)])
+        weights.append(schedule.weight(len(y), run.num_examples))
+        runs.append(run)
+    return server_optimizer(params, weighted_mean(deltas, weights)), runs
 
 
 def softmax_fedavg_round_reference(
@@ -65,43 +197,47 @@ def softmax_fedavg_round_reference(
     weighting="num_examples",
     server_step=None,
 ):
-    """One FedAvg round of softmax regression, as a plain Python loop.
+    """One FedAvg round of softmax regression (:func:`fed_avg_round`).
 
     Args:
       weights, bias: float64 server model.
       clients: list of (x float64[n, features], y int[n]).
       client_ids: population ids (for the shuffling seed).
-      server_step: ``f(delta_weights, delta_bias) -> (new_weights, new_bias)``;
-        default is plain FedAvg (server SGD with learning rate 1).
+      server_step: ``f(delta_weights, delta_bias) -> (new_weights, new_bias)``
+        from the averaged ``server - client`` deltas; default is plain FedAvg.
 
     Returns:
       (new_weights, new_bias, per-client dict lists of loss sums and counts).
     """
-    deltas_w, deltas_b, client_weights, loss_sums, counts = [], [], [], [], []
-    for (x, y), client_id in zip(clients, client_ids):
-        w, b = weights.copy(), bias.copy()
-        loss_sum, count = 0.0, 0
-        for batch in epoch_batches(len(y), batch_size, num_epochs, seed, round_index, client_id, max_steps):
-            loss, grad_w, grad_b = softmax_loss_and_grad(w, b, x[batch], y[batch])
-            w -= client_learning_rate * grad_w
-            b -= client_learning_rate * grad_b
-            loss_sum += loss * len(batch)
-            count += len(batch)
-        deltas_w.append(weights - w)
-        deltas_b.append(bias - b)
-        client_weights.append(
-            {"num_examples": len(y), "num_processed": count, "uniform": 1.0}[weighting]
-        )
-        loss_sums.append(loss_sum)
-        counts.append(count)
-    total = float(sum(client_weights))
-    mean_w = sum(cw * d for cw, d in zip(client_weights, deltas_w)) / total
-    mean_b = sum(cw * d for cw, d in zip(client_weights, deltas_b)) / total
-    if server_step is None:
-        new_w, new_b = weights - mean_w, bias - mean_b
-    else:
-        new_w, new_b = server_step(mean_w, mean_b)
-    return new_w, new_b, {"loss_sum": loss_sums, "num_examples": counts}
+    schedule = RoundSchedule(batch_size, num_epochs, seed, round_index, max_steps, weighting)
+    server_optimizer = None
+    if server_step is not None:
+        server_optimizer = lambda params, pseudo_gradient: list(server_step(*pseudo_gradient))  # noqa: E731
+    (new_weights, new_bias), runs = fed_avg_round(
+        [weights, bias],
+        clients,
+        client_ids,
+        schedule,
+        loss_and_grad=softmax_regression_loss_and_grad,
+        client_learning_rate=client_learning_rate,
+        server_optimizer=server_optimizer,
+    )
+    metrics = {"loss_sum": [r.loss_sum for r in runs], "num_examples": [r.num_examples for r in runs]}
+    return new_weights, new_bias, metrics
+
+
+class ServerSgd:
+    """Server SGD with heavy-ball momentum: ``m = momentum m + g; x = x - lr m`` (optax.sgd)."""
+
+    def __init__(self, learning_rate, momentum=0.0):
+        self.learning_rate, self.momentum = learning_rate, momentum
+        self.velocity = None
+
+    def __call__(self, params, pseudo_gradient):
+        if self.velocity is None:
+            self.velocity = [np.zeros_like(g) for g in pseudo_gradient]
+        self.velocity = [self.momentum * v + g for v, g in zip(self.velocity, pseudo_gradient)]
+        return [x - self.learning_rate * v for x, v in zip(params, self.velocity)]
 
 
 def adam_reference(learning_rate, b1, b2, eps):
@@ -127,6 +263,79 @@ def adam_reference(learning_rate, b1, b2, eps):
         return new
 
     return step
+
+
+class BiasCorrectedYogi:
+    """Yogi (Zaheer et al., NeurIPS 2018) in the bias-corrected form optax documents.
+
+    Both moments start at ``initial_accumulator`` (optax: 1e-6), not zero::
+
+        m = b1 m + (1 - b1) g
+        v = v - (1 - b2) sign(v - g^2) g^2
+        x = x - lr (m / (1 - b1^t)) / (sqrt(v / (1 - b2^t)) + eps)
+    """
+
+    def __init__(self, learning_rate, b1, b2, eps, initial_accumulator=1e-6):
+        self.learning_rate, self.b1, self.b2, self.eps = learning_rate, b1, b2, eps
+        self.initial_accumulator = initial_accumulator
+        self.t, self.m, self.v = 0, None, None
+
+    def __call__(self, params, pseudo_gradient):
+        if self.m is None:
+            self.m = [np.full_like(g, self.initial_accumulator) for g in pseudo_gradient]
+            self.v = [np.full_like(g, self.initial_accumulator) for g in pseudo_gradient]
+        self.t += 1
+        b1, b2 = self.b1, self.b2
+        self.m = [b1 * m + (1 - b1) * g for m, g in zip(self.m, pseudo_gradient)]
+        self.v = [v - (1 - b2) * np.sign(v - g * g) * g * g for v, g in zip(self.v, pseudo_gradient)]
+        return [
+            x - self.learning_rate * (m / (1 - b1**self.t)) / (np.sqrt(v / (1 - b2**self.t)) + self.eps)
+            for x, m, v in zip(params, self.m, self.v)
+        ]
+
+
+class ReddiAdaptiveServer:
+    """The server of Reddi et al. 2020 (ICLR 2021), Algorithm 2, as printed.
+
+    With ``Delta_t`` the averaged *client minus server* delta (minus the
+    pseudo-gradient this is called with), from ``m_{-1} = 0`` and
+    ``v_{-1} = tau^2``::
+
+        m_t = b1 m_{t-1} + (1 - b1) Delta_t
+        v_t = v_{t-1} + Delta_t^2                                  FedAdagrad
+        v_t = b2 v_{t-1} + (1 - b2) Delta_t^2                      FedAdam
+        v_t = v_{t-1} - (1 - b2) Delta_t^2 sign(v_{t-1} - Delta_t^2)   FedYogi
+        x_{t+1} = x_t + eta m_t / (sqrt(v_t) + tau)
+
+    No bias correction. ``second_moment`` is "adagrad", "adam" or "yogi".
+    """
+
+    def __init__(self, second_moment, learning_rate, b1, b2, tau):
+        self.second_moment = second_moment
+        self.learning_rate, self.b1, self.b2, self.tau = learning_rate, b1, b2, tau
+        self.m, self.v = None, None
+
+    def _next_v(self, v, delta):
+        square = delta * delta
+        if self.second_moment == "adagrad":
+            return v + square
+        if self.second_moment == "adam":
+            return self.b2 * v + (1 - self.b2) * square
+        if self.second_moment == "yogi":
+            return v - (1 - self.b2) * square * np.sign(v - square)
+        raise ValueError(f"unknown second moment {self.second_moment!r}")
+
+    def __call__(self, params, pseudo_gradient):
+        deltas = [-g for g in pseudo_gradient]
+        if self.m is None:
+            self.m = [np.zeros_like(d) for d in deltas]
+            self.v = [np.full_like(d, self.tau**2) for d in deltas]
+        self.m = [self.b1 * m + (1 - self.b1) * d for m, d in zip(self.m, deltas)]
+        self.v = [self._next_v(v, d) for v, d in zip(self.v, deltas)]
+        return [
+            x + self.learning_rate * m / (np.sqrt(v) + self.tau)
+            for x, m, v in zip(params, self.m, self.v)
+        ]
 
 
 class LeastSquaresProblem(NamedTuple):

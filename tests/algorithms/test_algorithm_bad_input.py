@@ -4,8 +4,8 @@ import jax
 import optax
 import pytest
 
-from fedjaxsim.algorithms import ditto, fed_nova, fed_prox, mime_lite, q_ffl, scaffold
-from tests.algorithms.conftest import initial_params, linear_softmax_loss, pack_round
+from fedjaxsim import ditto, fed_nova, fed_prox, mime_lite, q_ffl, scaffold
+from tests.algorithms.conftest import STATEFUL, initial_params, linear_softmax_loss, pack_round
 
 LOSS = linear_softmax_loss
 
@@ -48,8 +48,8 @@ def test_invalid_hyperparameters_raise_naming_the_parameter(build, message):
         build()
 
 
-@pytest.mark.parametrize("name", ["scaffold", "ditto"])
+@pytest.mark.parametrize("name", STATEFUL)
 def test_stateful_algorithm_without_client_states_raises(name, compiled_rounds):
     algorithm, round_fn = compiled_rounds(name)
-    with pytest.raises(ValueError, match=rf"{name} keeps per-client state.*client_states"):
+    with pytest.raises(ValueError, match=r"keeps per-client state.*client_states"):
         round_fn(algorithm.init(initial_params()), pack_round(0), jax.random.key(0))

@@ -13,16 +13,23 @@ import numpy as np
 import optax
 import pytest
 
-from fedjaxsim.algorithms import ditto, fed_nova, fed_prox, fed_sgd_avg, mime_lite, q_ffl, scaffold
-from fedjaxsim.algorithms.ditto import initial_client_state as ditto_initial_client_state
+from fedjaxsim import (
+    ExecutionPlan,
+    PackingConfig,
+    build_round,
+    ditto,
+    fed_nova,
+    fed_prox,
+    fed_sgd_avg,
+    mime_lite,
+    pack_cohort,
+    q_ffl,
+    scaffold,
+)
 from fedjaxsim.algorithms.fed_nova import FedNovaLocalState
-from fedjaxsim.algorithms.scaffold import initial_client_state as scaffold_initial_client_state
-from fedjaxsim.core.client_state import ClientStateStore
-from fedjaxsim.core.engine import ExecutionPlan, build_round
-from fedjaxsim.core.packing import PackingConfig, pack_cohort
-from fedjaxsim.testing import least_squares_problem
+from fedjaxsim.testing import least_squares_problem, run_rounds
 from fedjaxsim.testing.algorithm_references import fed_nova_norm_of_coefficients
-from tests.algorithms.conftest import initial_params, linear_softmax_loss, make_population
+from tests.algorithms.conftest import initial_params, linear_softmax_loss, population
 
 DIM = 5
 NUM_CLIENTS = 8
@@ -71,15 +78,15 @@ class LeastSquares:
     def client_losses(self, w):
         return np.array([0.5 * np.mean(np.sum((x @ w - y) ** 2, axis=1)) for x, y in self.data])
 
-    def train(self, algorithm, num_rounds=NUM_ROUNDS, store=None):
-        round_fn = build_round(algorithm, ExecutionPlan())
-        state = algorithm.init({"w": jnp.zeros((DIM, 1), jnp.float32)})
-        for round_index in range(num_rounds):
-            client_states = () if store is None else store.gather(self.cohort.client_id)
-            state, output = round_fn(state, self.cohort, jax.random.key(round_index), client_states)
-            if store is not None:
-                store.scatter(self.cohort.client_id, output.client_states)
-        return state, output
+    def train(self, algorithm, num_rounds=NUM_ROUNDS):
+        """``num_rounds`` rounds on the full cohort: ``(server state, client-state store)``."""
+        state, _, store = run_rounds(
+            algorithm,
+            {"w": jnp.zeros((DIM, 1), jnp.float32)},
+            [self.cohort] * num_rounds,
+            num_total_clients=NUM_CLIENTS,
+        )
+        return state, store
 
 
 @pytest.fixture(scope="module")
@@ -97,8 +104,7 @@ def test_scaffold_reaches_the_optimum_where_fedavg_stays_biased(
     least_squares, fed_avg_least_squares_params
 ):
     algorithm = scaffold(squared_error, LEARNING_RATE, num_total_clients=NUM_CLIENTS)
-    store = ClientStateStore(scaffold_initial_client_state({"w": jnp.zeros((DIM, 1))}), NUM_CLIENTS)
-    state, _ = least_squares.train(algorithm, store=store)
+    state, store = least_squares.train(algorithm)
     scaffold_distance = np.linalg.norm(
         np.asarray(state.params["w"], np.float64) - least_squares.optimum
     )
@@ -131,8 +137,7 @@ def test_ditto_personal_models_reach_their_closed_form(least_squares, fed_avg_le
     personal models only get there across rounds, through the store."""
     regularization = 1.0
     algorithm = ditto(squared_error, LEARNING_RATE, LEARNING_RATE, regularization)
-    store = ClientStateStore(ditto_initial_client_state({"w": jnp.zeros((DIM, 1))}), NUM_CLIENTS)
-    state, _ = least_squares.train(algorithm, store=store)
+    state, store = least_squares.train(algorithm)
     global_params = np.asarray(state.params["w"], np.float64)
     np.testing.assert_allclose(global_params, fed_avg_least_squares_params, atol=1e-6)
     personal = store.gather(least_squares.ids).personal_params["w"].astype(np.float64)
@@ -180,7 +185,7 @@ EQUAL_STEPS = PackingConfig(batch_size=4, max_steps=3)
 @pytest.fixture(scope="module")
 def equal_steps_run():
     """FedAvg on a cohort where every client takes 3 steps: (cohort, state)."""
-    clients = [make_population()[i] for i in (1, 2, 3, 5)]
+    clients = [population()[i] for i in (1, 2, 3, 5)]
     cohort = pack_cohort(
         clients, [3, 42, 7, 0], EQUAL_STEPS, seed=0, round_index=0, num_total_clients=50
     )
@@ -223,7 +228,7 @@ def test_fed_nova_tracks_the_papers_closed_form_norms(momentum, proximal_mu):
     algorithm = fed_nova(
         linear_softmax_loss, learning_rate, momentum=momentum, proximal_mu=proximal_mu
     )
-    client = make_population()[1]
+    client = population()[1]
     batch = {"x": jnp.asarray(client["x"][:8]), "y": jnp.asarray(client["y"][:8])}
     mask = jnp.ones(8, bool)
     local = algorithm.client_init(initial_params(), (), jax.random.key(0))

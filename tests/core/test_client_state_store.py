@@ -1,6 +1,5 @@
 """The host-side client-state store: lazy, exact, checkpointable."""
 
-import time
 import tracemalloc
 
 import numpy as np
@@ -131,18 +130,19 @@ def test_million_client_population_costs_only_the_sampled_rows():
     num_total_clients = 1_000_000
     full_population_bytes = num_total_clients * (80 + 20) * 4
     tracemalloc.start()
-    start = time.perf_counter()
     store = ClientStateStore(_default_state(), num_total_clients)
     rng = np.random.default_rng(0)
+    sampled = set()
     for round_index in range(5):
         ids = rng.choice(num_total_clients, size=100, replace=False)
+        sampled.update(ids.tolist())
         store.gather(ids)
         store.scatter(ids, _states_for(ids, round_index))
-    elapsed = time.perf_counter() - start
     _, peak = tracemalloc.get_traced_memory()
     tracemalloc.stop()
-    assert store.num_written <= 500
+    assert store.num_written == len(sampled) <= 500
     # Rows for at most 500 clients (grown by doubling), nothing per population.
     assert store.allocated_bytes <= 1024 * 400 + 1024
+    # Memory carries the claim; there is no wall-clock threshold, which a
+    # loaded CI machine could fail.
     assert peak < full_population_bytes / 100, peak
-    assert elapsed < 1.0, elapsed

@@ -57,16 +57,67 @@ def test_iid_sizes_differ_by_at_most_one_and_labels_follow_the_population():
     assert np.abs(counts - 100).max() < 6 * np.sqrt(1000 * 0.1 * 0.9)
 
 
+def _share_variance_check(assignment, labels, num_clients, alpha):
+    """The observed variance of clients' shares of each class, and its Dirichlet law.
+
+    The partitioner splits every class over the clients by
+    ``Dirichlet(alpha * ones(num_clients))``, independently per class. So a
+    client's share of a class has mean ``p = 1 / num_clients`` and the
+    closed-form variance ``p (1 - p) / (num_clients * alpha + 1)`` (the
+    concentration is ``num_clients * alpha``). The statistic is the mean of
+    ``(share - p)^2`` over clients and classes; its standard error follows from
+    the Dirichlet's fourth moments over the independent classes, so the
+    tolerance shrinks with the number of classes instead of being picked.
+
+    Returns:
+      ``(observed, expected, tolerance)`` with a 4-standard-error tolerance.
+    """
+    num_classes = int(labels.max()) + 1
+    counts = np.stack([np.bincount(labels[a], minlength=num_classes) for a in assignment])
+    shares = counts / counts.sum(axis=0)
+    p = 1.0 / num_clients
+    observed = float(((shares - p) ** 2).mean())
+    a, total = alpha, num_clients * alpha
+    expected = p * (1 - p) / (total + 1)
+    # Per class, Q = sum_i share_i^2 has Var Q = N Var(s^2) + N (N - 1) Cov(s_i^2, s_j^2),
+    # from E[s^2], E[s^4] and E[s_i^2 s_j^2] of Dirichlet(a * ones(N)).
+    rising = lambda x, n: np.prod([x + k for k in range(n)])  # noqa: E731
+    m2 = rising(a, 2) / rising(total, 2)
+    m4 = rising(a, 4) / rising(total, 4)
+    m22 = rising(a, 2) ** 2 / rising(total, 4)
+    var_q = num_clients * (m4 - m2**2) + num_clients * (num_clients - 1) * (m22 - m2**2)
+    # observed = mean over classes of Q / N - p^2.
+    standard_error = np.sqrt(var_q / num_classes) / num_clients
+    return observed, expected, 4 * standard_error
+
+
 @pytest.mark.parametrize("alpha", [0.1, 1.0, 10.0])
-def test_dirichlet_concentration_matches_alpha(alpha):
+def test_dirichlet_share_variance_matches_alpha(alpha):
     labels, num_clients = _labels(), 20
     assignment = dirichlet_label_partition(labels, num_clients, alpha, seed=1)
     _assert_exact_cover(assignment, len(labels))
-    counts = np.stack([np.bincount(labels[a], minlength=40) for a in assignment])
-    shares = counts / counts.sum(axis=0)
-    # For shares ~ Dirichlet(alpha * ones(K)), E[sum_i share_i^2] = (alpha + 1) / (K alpha + 1).
-    expected = (alpha + 1) / (num_clients * alpha + 1)
-    np.testing.assert_allclose((shares**2).sum(axis=0).mean(), expected, rtol=0.2)
+    observed, expected, tolerance = _share_variance_check(assignment, labels, num_clients, alpha)
+    assert abs(observed - expected) <= tolerance, (observed, expected, tolerance)
+
+
+def test_the_dirichlet_check_at_alpha_10_rejects_an_iid_split():
+    """The check above has the power to tell alpha=10 from IID (alpha -> infinity).
+
+    At alpha=10 the expected share variance is about 10x that of an IID split
+    of the same 2,000 examples per class (hypergeometric noise only), many
+    tolerances apart.
+    """
+    labels, num_clients = _labels(), 20
+    for seed in range(3):
+        iid = iid_partition(len(labels), num_clients, seed=seed)
+        observed, expected, tolerance = _share_variance_check(iid, labels, num_clients, 10.0)
+        assert abs(observed - expected) > 3 * tolerance, (observed, expected, tolerance)
+        # A near-IID Dirichlet draw fails the alpha=10 check too.
+        close_to_iid = dirichlet_label_partition(labels, num_clients, 1000.0, seed=seed)
+        observed, expected, tolerance = _share_variance_check(
+            close_to_iid, labels, num_clients, 10.0
+        )
+        assert abs(observed - expected) > 3 * tolerance, (observed, expected, tolerance)
 
 
 def test_shards_give_k_labels_when_shards_align_with_classes():

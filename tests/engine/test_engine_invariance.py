@@ -1,19 +1,31 @@
-"""Invariances every algorithm must satisfy under the engine."""
+"""Invariances every algorithm must satisfy under the engine.
 
+Compiled rounds are cached per (algorithm, plan) for the module, so each
+layout compiles once however many tests run it.
+"""
+
+import dataclasses
+import functools
+from typing import NamedTuple
+
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
 
+from fedjaxsim import scaffold
 from fedjaxsim.algorithms.fed_avg import fed_adam, fed_avg
 from fedjaxsim.core.client_batch import Cohort
 from fedjaxsim.core.engine import ExecutionPlan, build_round, lanes_by_steps
 from fedjaxsim.core.packing import PackingConfig, pack_cohort
-from tests.conftest import make_clients
+from fedjaxsim.models import classification_loss, from_linen
+from fedjaxsim.testing import run_round, run_rounds, synthetic_clients
 
 SIZES = [3, 17, 1, 8, 12]
 IDS = [4, 9, 0, 21, 13]
+NUM_TOTAL_CLIENTS = 30
 
 ALGORITHMS = {
     "fedavg_client_adam": lambda loss: fed_avg(loss, optax.adam(0.01), optax.sgd(1.0)),
@@ -22,25 +34,37 @@ ALGORITHMS = {
 
 
 def _pack(clients=None, ids=IDS, num_lanes=None, num_steps=None, round_index=0, **config):
-    clients = make_clients(SIZES, seed=11) if clients is None else clients
+    clients = synthetic_clients(SIZES, seed=11) if clients is None else clients
     config = PackingConfig(**{"batch_size": 4, "num_epochs": 2, **config})
     return pack_cohort(
-        clients, ids, config, seed=1, round_index=round_index, num_total_clients=30,
+        clients, ids, config, seed=1, round_index=round_index, num_total_clients=NUM_TOTAL_CLIENTS,
         num_lanes=num_lanes, num_steps=num_steps,
     )
 
 
-def _run(algorithm, params, cohort, plan=ExecutionPlan(), rounds=2):
-    round_fn = build_round(algorithm, plan)
-    state = algorithm.init(params)
-    for r in range(rounds):
-        state, out = round_fn(state, cohort, jax.random.key(r))
-    return state, out
+def _round_fn(algorithm, plan=ExecutionPlan()):
+    # repr in the key: ExecutionPlan(scan_unroll=True) == ExecutionPlan(scan_unroll=1).
+    return _cached_round_fn(algorithm, plan, repr(plan))
+
+
+@functools.cache
+def _cached_round_fn(algorithm, plan, plan_repr):
+    del plan_repr
+    return build_round(algorithm, plan)
+
+
+def _run(algorithm, params, cohort, plan=ExecutionPlan(), rounds=2, seed=0):
+    """``rounds`` rounds on ``cohort``: (final state, last RoundOutput)."""
+    state, outputs, _ = run_rounds(
+        algorithm, params, [cohort] * rounds, num_total_clients=NUM_TOTAL_CLIENTS,
+        round_fn=_round_fn(algorithm, plan), seed=seed,
+    )
+    return state, outputs[-1]
 
 
 def _assert_trees(a, b, exact=False, atol=1e-6):
     leaves_a, leaves_b = jax.tree.leaves(a), jax.tree.leaves(b)
-    assert len(leaves_a) == len(leaves_b)
+    assert jax.tree.structure(a) == jax.tree.structure(b)
     for x, y in zip(leaves_a, leaves_b):
         if exact:
             np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
@@ -48,68 +72,79 @@ def _assert_trees(a, b, exact=False, atol=1e-6):
             np.testing.assert_allclose(np.asarray(x), np.asarray(y), atol=atol, rtol=1e-5)
 
 
-@pytest.fixture(params=sorted(ALGORITHMS))
+@pytest.fixture(scope="module", params=sorted(ALGORITHMS))
 def algorithm(request, logreg_loss):
     return ALGORITHMS[request.param](logreg_loss)
 
 
 def test_padded_steps_leave_params_and_optimizer_state_bit_identical(algorithm, logreg_params):
     """Client Adam would move its moments on a zero gradient: padding must skip it."""
-    tight, _ = _run(algorithm, logreg_params, _pack(step_bucket="exact"))
-    padded, _ = _run(algorithm, logreg_params, _pack(num_steps=19))
+    tight, tight_out = _run(algorithm, logreg_params, _pack(step_bucket="exact"))
+    padded, padded_out = _run(algorithm, logreg_params, _pack(num_steps=19))
     _assert_trees(tight, padded, exact=True)
+    _assert_trees(tight_out.client_metrics, padded_out.client_metrics, exact=True)
 
 
-def test_padded_local_step_is_exact_noop_for_client_adam(logreg_loss, logreg_params):
-    """Directly: the client's final local state with and without trailing padding."""
-    algorithm = fed_avg(logreg_loss, optax.adam(0.01))
-    for num_steps in (10, 16):
-        _, out = _run(algorithm, logreg_params, _pack(num_steps=num_steps, step_bucket="exact"), rounds=1)
-        if num_steps == 10:
-            reference = out.client_metrics
-    _assert_trees(reference, out.client_metrics, exact=True)
+def test_padded_steps_are_an_exact_noop_in_a_lone_lane(logreg_loss, logreg_params):
+    """The same for one lane holding every client, one after another, whose
+    loop stops at the last real step (vmapped lanes: the test above)."""
+    algorithm = ALGORITHMS["fedavg_client_adam"](logreg_loss)
+    tight = _run(algorithm, logreg_params, _pack(num_lanes=1, step_bucket="exact"))
+    padded = _run(algorithm, logreg_params, _pack(num_lanes=1, num_steps=40))
+    _assert_trees(tight, padded, exact=True)
 
 
 def test_zero_weight_clients_change_nothing(algorithm, logreg_params):
     base = _pack()
-    clients = make_clients(SIZES + [6], seed=11)
+    clients = synthetic_clients(SIZES + [6], seed=11)
     extended = _pack(clients, IDS + [29])
     weight = np.array(extended.weight)
     weight[-1] = 0.0
     extended = extended._replace(weight=weight)
-    a, _ = _run(algorithm, logreg_params, base)
-    b, _ = _run(algorithm, logreg_params, extended)
+    a, out_a = _run(algorithm, logreg_params, base)
+    b, out_b = _run(algorithm, logreg_params, extended)
     _assert_trees(a, b, atol=1e-7)
+    assert float(out_b.server_metrics["total_weight"]) == float(np.sum(base.weight))
 
 
 def test_cohort_order_does_not_matter(algorithm, logreg_params):
-    clients = make_clients(SIZES, seed=11)
+    clients = synthetic_clients(SIZES, seed=11)
     order = [3, 0, 4, 2, 1]
     a, out_a = _run(algorithm, logreg_params, _pack(clients, IDS))
     b, out_b = _run(algorithm, logreg_params, _pack([clients[i] for i in order], [IDS[i] for i in order]))
     _assert_trees(a, b, atol=1e-7)
-    np.testing.assert_allclose(np.asarray(out_a.client_metrics["loss_sum"])[order], out_b.client_metrics["loss_sum"], rtol=1e-6)
+    for name in ("loss_sum", "num_examples", "update_norm"):
+        np.testing.assert_allclose(
+            np.asarray(out_a.client_metrics[name])[order], out_b.client_metrics[name], rtol=1e-6
+        )
 
 
+# (pack_cohort's num_lanes, plan): every layout and plan computes the same numbers.
 PLANS = [
     (None, ExecutionPlan()),
-    (1, ExecutionPlan(num_lanes=1)),
-    (2, ExecutionPlan(num_lanes=2)),
+    (1, ExecutionPlan()),  # one lone lane: a loop that stops at its last real step
+    (1, ExecutionPlan(scan_unroll=2)),  # a lone lane in a scan
+    (2, ExecutionPlan()),
     (None, ExecutionPlan(clients_per_chunk=2)),
     (None, ExecutionPlan(clients_per_chunk=2, chunk_loop="unroll")),
     (None, ExecutionPlan(clients_per_chunk=2, sort_chunks=False)),
-    (2, ExecutionPlan(num_lanes=2, clients_per_chunk=1, sort_chunks=False)),
-    (3, ExecutionPlan(num_lanes=3, clients_per_chunk=2, scan_unroll=3)),
+    (2, ExecutionPlan(clients_per_chunk=1, sort_chunks=False)),
+    (3, ExecutionPlan(clients_per_chunk=2, scan_unroll=3)),
     (None, ExecutionPlan(scan_unroll=True)),
 ]
 
 
-def test_every_plan_gives_the_same_result(algorithm, logreg_params):
+def test_every_plan_gives_the_same_result(logreg_loss, logreg_params):
+    """With client Adam, whose moments a wrongly run padding step would move.
+    Plans differ only in how clients are trained, before aggregation, so one
+    algorithm covers them (the server optimizer runs once, after)."""
+    algorithm = ALGORITHMS["fedavg_client_adam"](logreg_loss)
     reference, reference_out = _run(algorithm, logreg_params, _pack())
     for num_lanes, plan in PLANS[1:]:
         state, out = _run(algorithm, logreg_params, _pack(num_lanes=num_lanes), plan)
         _assert_trees(reference, state, atol=2e-6)
         _assert_trees(reference_out.client_metrics, out.client_metrics, atol=1e-5)
+        _assert_trees(reference_out.server_metrics, out.server_metrics, atol=1e-5)
 
 
 def test_lanes_by_steps_groups_chunks_by_length_longest_first():
@@ -125,8 +160,8 @@ def test_lanes_by_steps_groups_chunks_by_length_longest_first():
 
 
 def test_same_seed_is_bitwise_reproducible(algorithm, logreg_params):
-    a, out_a = _run(algorithm, logreg_params, _pack(num_lanes=2), ExecutionPlan(num_lanes=2))
-    b, out_b = _run(algorithm, logreg_params, _pack(num_lanes=2), ExecutionPlan(num_lanes=2))
+    a, out_a = _run(algorithm, logreg_params, _pack(num_lanes=2))
+    b, out_b = _run(algorithm, logreg_params, _pack(num_lanes=2))
     _assert_trees((a, out_a), (b, out_b), exact=True)
 
 
@@ -144,7 +179,7 @@ def test_second_round_in_same_bucket_does_not_retrace(logreg_model, logreg_param
     state, _ = round_fn(state, _pack(round_index=0, step_bucket=16), jax.random.key(0))
     after_first = len(traces)
     assert after_first > 0
-    other_clients = make_clients([5, 2, 7, 11, 16], seed=3)
+    other_clients = synthetic_clients([5, 2, 7, 11, 16], seed=3)
     state, _ = round_fn(state, _pack(other_clients, round_index=1, step_bucket=16), jax.random.key(1))
     assert len(traces) == after_first
 
@@ -158,53 +193,154 @@ def test_init_accepts_shape_dtype_structs(algorithm, logreg_params):
         assert (a.shape, a.dtype) == (c.shape, c.dtype)
 
 
-def test_dropout_rng_is_per_client_and_step_and_plan_invariant(digits_cnn):
-    """Dropout keys come from (round rng, client id, local step): lanes agree."""
-    from fedjaxsim.models import classification_loss
+class _DropoutMlp(nn.Module):
+    """A small model with dropout: the engine must hand it per-client, per-step keys."""
 
-    params = digits_cnn.init(jax.random.key(0), jnp.zeros((1, 8, 8, 1)))
-    rng = np.random.default_rng(0)
-    clients = [
-        {"x": rng.random((n, 8, 8, 1), dtype=np.float32), "y": rng.integers(0, 10, n).astype(np.int32)}
-        for n in (5, 9, 3)
-    ]
-    algorithm = fed_avg(classification_loss(digits_cnn), optax.sgd(0.1))
-    ids = [2, 7, 5]
-    one_per_lane, _ = _run(algorithm, params, _pack(clients, ids), ExecutionPlan(), rounds=1)
-    packed, _ = _run(algorithm, params, _pack(clients, ids, num_lanes=2), ExecutionPlan(num_lanes=2), rounds=1)
-    lax_conv, _ = _run(algorithm, params, _pack(clients, ids), ExecutionPlan(conv_lowering="lax"), rounds=1)
-    _assert_trees(one_per_lane, packed, atol=1e-6)
-    _assert_trees(one_per_lane, lax_conv, atol=1e-5)
-    # Dropout is active: a different round key changes the result.
-    other_key = build_round(algorithm, ExecutionPlan())(algorithm.init(params), _pack(clients, ids), jax.random.key(1))[0]
-    difference = max(float(jnp.max(jnp.abs(a - b))) for a, b in zip(jax.tree.leaves(one_per_lane.params), jax.tree.leaves(other_key.params)))
+    @nn.compact
+    def __call__(self, x, train: bool = False):
+        x = nn.relu(nn.Dense(16)(x))
+        x = nn.Dropout(0.5, deterministic=not train)(x)
+        return nn.Dense(5)(x)
+
+
+def test_dropout_rng_is_per_client_and_step_and_plan_invariant():
+    """Dropout keys come from (round rng, client id, local step), never from a
+    lane position: one client per lane, packed lanes and a reordered cohort
+    agree, and another round key changes the result."""
+    model = from_linen(_DropoutMlp())
+    params = model.init(jax.random.key(0), jnp.zeros((1, 12)))
+    algorithm = fed_avg(classification_loss(model), optax.sgd(0.1))
+    clients = synthetic_clients(SIZES, seed=5)
+    order = [4, 2, 0, 3, 1]
+    reordered = _pack([clients[i] for i in order], [IDS[i] for i in order])
+    one_per_lane, out = _run(algorithm, params, _pack(clients), rounds=1)
+    for cohort in (_pack(clients, num_lanes=2), reordered):
+        state, _ = _run(algorithm, params, cohort, rounds=1)
+        _assert_trees(one_per_lane, state, atol=1e-6)
+    other_key, other_out = _run(algorithm, params, _pack(clients), rounds=1, seed=1)
+    difference = max(
+        float(jnp.max(jnp.abs(a - b)))
+        for a, b in zip(jax.tree.leaves(one_per_lane.params), jax.tree.leaves(other_key.params))
+    )
     assert difference > 1e-4
+    # Every client's loss moves with the key: each draws its own masks.
+    assert np.all(np.asarray(out.client_metrics["loss_sum"]) != np.asarray(other_out.client_metrics["loss_sum"]))
 
 
 def test_malformed_cohort_is_rejected(algorithm, logreg_params):
     cohort = _pack()
+    assert isinstance(cohort, Cohort)
+    round_fn, state = _round_fn(algorithm), algorithm.init(logreg_params)
     bad = cohort._replace(step_position=cohort.step_position[:, :-1])
     with pytest.raises(ValueError, match="step_position"):
-        build_round(algorithm, ExecutionPlan())(algorithm.init(logreg_params), bad, jax.random.key(0))
+        round_fn(state, bad, jax.random.key(0))
     bad = cohort._replace(data={"x": cohort.data["x"][:, :, :2], "y": cohort.data["y"]})
     with pytest.raises(ValueError, match=r"cohort.data\['x'\]"):
-        build_round(algorithm, ExecutionPlan())(algorithm.init(logreg_params), bad, jax.random.key(0))
-    assert isinstance(cohort, Cohort)
+        round_fn(state, bad, jax.random.key(0))
+    bad = cohort._replace(client_id=cohort.client_id[:-1])
+    with pytest.raises(ValueError, match="client_id"):
+        round_fn(state, bad, jax.random.key(0))
 
 
 @pytest.mark.parametrize(
-    "kwargs, message",
+    "kwargs, field",
     [
         ({"clients_per_chunk": 0}, "clients_per_chunk"),
-        ({"num_lanes": -1}, "num_lanes"),
+        ({"clients_per_chunk": 2.0}, "clients_per_chunk"),
         ({"chunk_loop": "while"}, "chunk_loop"),
         ({"scan_unroll": 0}, "scan_unroll"),
-        ({"conv_lowering": "fft"}, "conv_lowering"),
+        ({"scan_unroll": None}, "scan_unroll"),
+        ({"sort_chunks": "yes"}, "sort_chunks"),
     ],
 )
-def test_invalid_plan_raises(kwargs, message):
-    with pytest.raises(ValueError, match=message):
+def test_invalid_plan_raises_naming_the_field(kwargs, field):
+    with pytest.raises(ValueError, match=field) as raised:
         ExecutionPlan(**kwargs)
+    assert raised.value.name == field
+
+
+def test_plan_holds_only_what_the_engine_uses():
+    """Lanes are a packing decision and lowerings a model decision."""
+    assert {f.name for f in dataclasses.fields(ExecutionPlan)} == {
+        "clients_per_chunk", "chunk_loop", "scan_unroll", "sort_chunks"
+    }
+
+
+def test_a_stateful_algorithm_without_client_states_raises(logreg_loss, logreg_params):
+    algorithm = scaffold(logreg_loss, client_learning_rate=0.1, num_total_clients=NUM_TOTAL_CLIENTS)
+    round_fn = build_round(algorithm)
+    with pytest.raises(ValueError, match=r"keeps per-client state.*client_states=\(\)"):
+        round_fn(algorithm.init(logreg_params), _pack(), jax.random.key(0))
+
+
+class _BareServerState(NamedTuple):
+    params: dict  # float32 pytree: the global model
+    opt_state: tuple  # the server optimizer's state
+    round: jax.Array  # int32[]
+
+
+def test_a_server_state_without_aggregator_state_raises_naming_the_field(logreg_loss, logreg_params):
+    base = fed_avg(logreg_loss, optax.sgd(0.1))
+    server = optax.sgd(1.0)
+    algorithm = base._replace(
+        init=lambda params: _BareServerState(params, server.init(params), jnp.zeros((), jnp.int32))
+    )
+    with pytest.raises(ValueError, match=r"_BareServerState.*'aggregator_state'"):
+        build_round(algorithm)(algorithm.init(logreg_params), _pack(), jax.random.key(0))
+
+
+def _counting_visits(algorithm):
+    """``algorithm`` with a client state that counts the rounds a client counted in."""
+
+    def client_init(broadcast, client_state, rng):
+        return algorithm.client_init(broadcast, (), rng), client_state
+
+    def client_step(local, batch, mask, rng):
+        inner, visits = local
+        inner, stats = algorithm.client_step(inner, batch, mask, rng)
+        return (inner, visits), stats
+
+    def client_finalize(broadcast, local):
+        inner, visits = local
+        return algorithm.client_finalize(broadcast, inner)._replace(client_state=visits + 1)
+
+    return algorithm._replace(
+        client_init=client_init, client_step=client_step, client_finalize=client_finalize,
+        initial_client_state=lambda params: jnp.zeros((), jnp.int32),
+    )
+
+
+@pytest.mark.parametrize("num_lanes", [None, 2])
+def test_clients_that_do_not_count_keep_their_old_state(num_lanes, logreg_loss, logreg_params):
+    """Issue 13, defect 1, at the engine: a weight-0 client and a client whose
+    update is NaN keep their stored state; the others' is written."""
+    algorithm = _counting_visits(fed_avg(logreg_loss, optax.sgd(0.1)))
+    cohort = _pack(num_lanes=num_lanes)
+    weight = np.array(cohort.weight)
+    weight[0] = 0.0  # client id 4
+    nan_client = 1  # client id 9: NaN features make a NaN update
+    data = {name: np.array(leaf) for name, leaf in cohort.data.items()}
+    lane, position = np.argwhere(np.asarray(cohort.lane_clients) == nan_client)[0]
+    steps = np.asarray(cohort.step_position[lane]) == position
+    data["x"][lane, steps] = np.nan
+    poisoned = cohort._replace(data=data, weight=weight)
+
+    round_fn = _round_fn(algorithm)
+    state, outputs, store = run_rounds(
+        algorithm, logreg_params, [poisoned, poisoned], num_total_clients=NUM_TOTAL_CLIENTS,
+        round_fn=round_fn,
+    )
+    visits = dict(zip(IDS, store.gather(IDS).tolist()))
+    assert visits == {4: 0, 9: 0, 0: 2, 21: 2, 13: 2}
+    assert float(outputs[-1].server_metrics["num_nonfinite_updates"]) == 1.0
+    assert all(np.isfinite(np.asarray(leaf)).all() for leaf in jax.tree.leaves(state))
+    # The server saw only the three clients that count.
+    counted = [2, 3, 4]
+    alone = _pack([synthetic_clients(SIZES, seed=11)[i] for i in counted], [IDS[i] for i in counted])
+    expected, _, _ = run_rounds(
+        algorithm, logreg_params, [alone, alone], num_total_clients=NUM_TOTAL_CLIENTS, round_fn=round_fn
+    )
+    _assert_trees(state.params, expected.params, atol=1e-6)
 
 
 def _with_interior_and_tail_padding(cohort, extra_weight):
@@ -221,9 +357,11 @@ def _with_interior_and_tail_padding(cohort, extra_weight):
     mask = insert(cohort.mask, inside, False)
     step_position = insert(cohort.step_position, inside, 1)
     num_clients = cohort.num_clients
-    tail = lambda array, value: np.concatenate(  # noqa: E731
-        [array, np.full((1, 2, *np.shape(array)[2:]), value, np.asarray(array).dtype)], axis=1
-    )
+
+    def tail(array, value):
+        array = np.asarray(array)
+        return np.concatenate([array, np.full((1, 2, *array.shape[2:]), value, array.dtype)], axis=1)
+
     return Cohort(
         data={name: tail(leaf, 0) for name, leaf in data.items()},
         mask=tail(mask, False),
@@ -243,10 +381,8 @@ def test_lone_lane_with_interior_and_tail_padding_matches_the_scan_path(logreg_l
     packed = _pack(num_lanes=1, step_bucket="exact")
     extra_weight = 7.0
     modified = _with_interior_and_tail_padding(packed, extra_weight)
-    lone, lone_out = _run(algorithm, logreg_params, modified, ExecutionPlan(num_lanes=1), rounds=1)
-    scanned, scanned_out = _run(
-        algorithm, logreg_params, modified, ExecutionPlan(num_lanes=1, scan_unroll=2), rounds=1
-    )
+    lone, lone_out = _run(algorithm, logreg_params, modified, rounds=1)
+    scanned, scanned_out = _run(algorithm, logreg_params, modified, ExecutionPlan(scan_unroll=2), rounds=1)
     _assert_trees(lone, scanned, atol=1e-7)
     _assert_trees(lone_out.client_metrics, scanned_out.client_metrics, atol=1e-6)
     assert float(lone_out.client_metrics["num_examples"][-1]) == 0.0
@@ -254,7 +390,7 @@ def test_lone_lane_with_interior_and_tail_padding_matches_the_scan_path(logreg_l
     # Server SGD(1): the step is the weighted mean of deltas; the padding-only
     # client adds its weight and a zero delta, and the interior padding step
     # changes nothing, so the step shrinks by W / (W + w) exactly.
-    original, original_out = _run(algorithm, logreg_params, packed, ExecutionPlan(num_lanes=1), rounds=1)
+    original, original_out = _run(algorithm, logreg_params, packed, rounds=1)
     np.testing.assert_array_equal(
         np.asarray(original_out.client_metrics["loss_sum"]), np.asarray(lone_out.client_metrics["loss_sum"][:-1])
     )

@@ -7,12 +7,12 @@ import optax
 from fedjaxsim.algorithms.fed_avg import fed_avg
 from fedjaxsim.core.engine import ExecutionPlan, build_round
 from fedjaxsim.core.packing import PackingConfig, pack_cohort
-from tests.conftest import make_clients
+from fedjaxsim.testing import synthetic_clients
 
 
 def _temp_bytes(logreg_loss, logreg_params, num_clients, plan):
     algorithm = fed_avg(logreg_loss, optax.sgd(0.1))
-    clients = make_clients([6] * num_clients, seed=1)
+    clients = synthetic_clients([6] * num_clients, seed=1)
     cohort = pack_cohort(clients, range(num_clients), PackingConfig(batch_size=3), seed=0,
                          round_index=0, num_total_clients=num_clients)
     compiled = build_round(algorithm, plan).lower(algorithm.init(logreg_params), cohort, jax.random.key(0)).compile()

@@ -7,18 +7,22 @@ import pytest
 
 from fedjaxsim.algorithms.fed_avg import fed_avg
 from fedjaxsim.core.engine import ExecutionPlan, build_round
-from fedjaxsim.core.lowering import conv_lowering
 from fedjaxsim.core.packing import PackingConfig, pack_cohort
 from fedjaxsim.models import (
+    LOWERINGS,
+    EmnistCnn,
     classification_loss,
     conv2d_valid,
     count_params,
+    default_lowering,
     from_functions,
+    from_linen,
     from_nnx,
     get_model,
     max_pool_2x2,
 )
-from tests.conftest import NUM_CLASSES, NUM_FEATURES, make_clients
+from fedjaxsim.models.dense import Dense, affine
+from fedjaxsim.testing import synthetic_clients
 
 
 def test_emnist_cnn_has_the_published_parameter_count():
@@ -56,19 +60,18 @@ def test_patches_convolution_equals_lax_and_flax_conv():
     [(7, 3), (40, 2), (3, 40)],
     ids=["either-transpose", "transposes-the-gradient", "transposes-the-inputs"],
 )
-def test_dense_layer_matches_flax_dense_and_a_float64_gradient(in_features, out_features):
+@pytest.mark.parametrize("cpu_gradients", [True, False], ids=["cpu-form", "plain"])
+def test_dense_layer_matches_flax_dense_and_a_float64_gradient(in_features, out_features, cpu_gradients):
     """The CPU form (weight and bias gradients from one plain dot over a
     materialised transpose of whichever of x and g is cheaper) computes the
     same layer: same parameters as flax.linen.Dense, same outputs, and input,
     weight and bias gradients equal to the closed form in float64, with and
     without vmap over clients and for inputs with extra leading axes. The
     shapes make the size rule take each transpose."""
-    from fedjaxsim.models.dense import Dense
-
     rng = np.random.default_rng(4)
     x = rng.normal(size=(2, 5, in_features)).astype(np.float32)  # [clients, batch, features]
     cotangent = rng.normal(size=(2, 5, out_features)).astype(np.float32)
-    ours, theirs = Dense(out_features, lowering="patches"), nn.Dense(out_features)
+    ours, theirs = Dense(out_features, cpu_gradients=cpu_gradients), nn.Dense(out_features)
     params = ours.init(jax.random.key(0), x[0])
     assert jax.tree.structure(params) == jax.tree.structure(theirs.init(jax.random.key(0), x[0]))
     params = jax.tree.map(lambda p: p + jnp.asarray(rng.normal(size=p.shape), jnp.float32), params)
@@ -95,41 +98,111 @@ def test_dense_layer_matches_flax_dense_and_a_float64_gradient(in_features, out_
         np.testing.assert_allclose(input_grads, expected_inputs, rtol=1e-5, atol=1e-5)
 
 
+def test_affine_without_bias_has_float64_gradients():
+    """The bias-free form (a convolution's patches without bias) in both transposes."""
+    rng = np.random.default_rng(5)
+    for rows, in_features, out_features in ((6, 9, 2), (6, 2, 9)):
+        x = rng.normal(size=(rows, in_features)).astype(np.float32)
+        w = rng.normal(size=(in_features, out_features)).astype(np.float32)
+        g = rng.normal(size=(rows, out_features)).astype(np.float32)
+        grad_x, grad_w = jax.grad(
+            lambda x, w: jnp.sum(affine(x, w, None, cpu_gradients=True) * g), argnums=(0, 1)
+        )(x, w)
+        np.testing.assert_allclose(grad_w, x.astype(np.float64).T @ g, rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(grad_x, g.astype(np.float64) @ w.T, rtol=1e-5, atol=1e-5)
+
+
 def test_max_pool_equals_flax_max_pool():
     x = np.random.default_rng(1).normal(size=(2, 6, 8, 3)).astype(np.float32)
     np.testing.assert_array_equal(max_pool_2x2(x), nn.max_pool(x, (2, 2), strides=(2, 2)))
 
 
-def test_cnn_lowerings_agree_on_outputs_and_gradients(digits_cnn):
-    params = digits_cnn.init(jax.random.key(0), jnp.zeros((1, 8, 8, 1)))
+class _FlaxCnn(nn.Module):
+    """The EMNIST CNN written with flax's own layers: an independent reference."""
+
+    num_classes: int
+
+    @nn.compact
+    def __call__(self, x, train: bool = False):
+        x = nn.relu(nn.Conv(32, (3, 3), padding="VALID")(x))
+        x = nn.relu(nn.Conv(64, (3, 3), padding="VALID")(x))
+        x = nn.max_pool(x, (2, 2), strides=(2, 2))
+        x = x.reshape(x.shape[0], -1)
+        x = nn.relu(nn.Dense(128)(x))
+        return nn.Dense(self.num_classes)(x)
+
+
+def test_cnn_lowerings_agree_with_flax_on_outputs_and_gradients():
+    """Every lowering and gradient form, chosen when the model is built, is
+    the same function of the same parameters as the CNN in flax's layers."""
     x = jnp.asarray(np.random.default_rng(2).random((4, 8, 8, 1)), jnp.float32)
     y = jnp.array([1, 2, 3, 4])
+    reference = from_linen(_FlaxCnn(10))
+    params = reference.init(jax.random.key(0), x)
+    # Non-zero biases, so that the bias paths count.
+    params = jax.tree.map(lambda p: p + 0.01, params)
 
-    def loss(p):
-        return optax.softmax_cross_entropy_with_integer_labels(digits_cnn.apply(p, x, None, False), y).mean()
+    def loss_and_grads(model):
+        def loss(p):
+            logits = model.apply(p, x, None, False)
+            return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
 
-    results = {}
-    for lowering in ("lax", "patches"):
-        with conv_lowering(lowering):
-            results[lowering] = jax.value_and_grad(loss)(params)
-    np.testing.assert_allclose(results["lax"][0], results["patches"][0], atol=1e-6)
-    for a, b in zip(jax.tree.leaves(results["lax"][1]), jax.tree.leaves(results["patches"][1])):
-        np.testing.assert_allclose(a, b, atol=1e-5)
+        return jax.jit(jax.value_and_grad(loss))(params)
+
+    expected_loss, expected_grads = loss_and_grads(reference)
+    models = {  # get_model on CPU: patches with the CPU gradient form; lax without
+        "get_model patches": get_model("cnn", 10, lowering="patches", backend="cpu"),
+        "get_model lax": get_model("cnn", 10, lowering="lax", backend="cpu"),
+        "patches, plain gradients": from_linen(EmnistCnn(10, lowering="patches", cpu_gradients=False)),
+        "lax, cpu gradients": from_linen(EmnistCnn(10, lowering="lax", cpu_gradients=True)),
+    }
+    assert set(LOWERINGS) == {"patches", "lax"}
+    for name, model in models.items():
+        assert jax.tree.structure(model.init(jax.random.key(0), x)) == jax.tree.structure(params), name
+        loss, grads = loss_and_grads(model)
+        np.testing.assert_allclose(loss, expected_loss, rtol=1e-5, err_msg=name)
+        for a, b in zip(jax.tree.leaves(grads), jax.tree.leaves(expected_grads)):
+            np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-4, err_msg=name)
 
 
-def test_unknown_model_and_bad_classes():
+def _uses_cpu_gradients(model, num_features=12):
+    """Whether the model's gradient has the CPU form's optimization barriers."""
+    x = jnp.zeros((2, 8, 8, 1)) if num_features is None else jnp.zeros((2, num_features))
+    params = jax.eval_shape(model.init, jax.random.key(0), x)
+    params = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), params)
+    jaxpr = jax.make_jaxpr(jax.grad(lambda p: jnp.sum(model.apply(p, x, None, False))))(params)
+    return "optimization_barrier" in str(jaxpr)
+
+
+def test_get_model_chooses_the_gradient_form_at_build_time():
+    """No global: the backend given to get_model decides; patches on CPU take
+    the CPU gradient form, every other combination the plain one."""
+    assert default_lowering("cpu") == default_lowering("gpu") == "patches"
+    assert _uses_cpu_gradients(get_model("logreg", 5, backend="cpu"))
+    assert not _uses_cpu_gradients(get_model("logreg", 5, backend="gpu"))
+    assert _uses_cpu_gradients(get_model("cnn", 10, lowering="patches", backend="cpu"), None)
+    assert not _uses_cpu_gradients(get_model("cnn", 10, lowering="lax", backend="cpu"), None)
+    assert not _uses_cpu_gradients(get_model("cnn", 10, backend="gpu"), None)
+
+
+def test_unknown_model_lowering_and_bad_classes():
     with pytest.raises(ValueError, match="unknown model 'resnet'"):
         get_model("resnet", 10)
+    with pytest.raises(ValueError, match="unknown lowering 'fft'"):
+        get_model("cnn", 10, lowering="fft")
     with pytest.raises(ValueError, match="num_classes"):
         get_model("cnn", 1)
+    with pytest.raises(ValueError, match="unknown conv lowering 'fft'"):
+        conv2d_valid(jnp.zeros((1, 4, 4, 1)), jnp.zeros((3, 3, 1, 2)), "fft")
 
 
 def test_nnx_module_and_pure_functions_train_identically(logreg_params):
     """The same linear model as nnx, as pure functions and as linen agree."""
     from flax import nnx
 
-    module = nnx.Linear(NUM_FEATURES, NUM_CLASSES, rngs=nnx.Rngs(0))
     dense = logreg_params["Dense_0"]
+    num_features, num_classes = dense["kernel"].shape
+    module = nnx.Linear(num_features, num_classes, rngs=nnx.Rngs(0))
     module.kernel[...] = dense["kernel"]
     module.bias[...] = dense["bias"]
     nnx_model = from_nnx(module)
@@ -138,7 +211,7 @@ def test_nnx_module_and_pure_functions_train_identically(logreg_params):
         return x @ params["w"] + params["b"]
 
     pure_model = from_functions(lambda rng, x: None, apply)
-    clients = make_clients([5, 11], seed=9)
+    clients = synthetic_clients([5, 11], seed=9, num_features=num_features, num_classes=num_classes)
     cohort = pack_cohort(clients, [0, 1], PackingConfig(batch_size=4), seed=0, round_index=0, num_total_clients=2)
     results = []
     for model, params in (

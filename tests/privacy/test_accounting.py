@@ -1,4 +1,9 @@
-"""Privacy accounting against direct dp-accounting computations."""
+"""Privacy accounting against direct dp-accounting computations.
+
+Every accounting function must be told the sampler (issue 13, defect 2): a
+default of Poisson sampling understated epsilon about eightfold for the
+fixed-size sampler the library and the runner use.
+"""
 
 import dp_accounting
 import numpy as np
@@ -69,8 +74,63 @@ def test_fixed_size_pld_is_within_the_rdp_bound():
         assert pld <= rdp
 
 
+def _independent_epsilon(event, relation, num_rounds, delta):
+    """The RDP accountant of dp_accounting on an event built in the test."""
+    accountant = dp_accounting.rdp.RdpAccountant(neighboring_relation=relation)
+    return accountant.compose(event, num_rounds).get_epsilon(delta)
+
+
+def test_issue_example_fixed_size_sampling_costs_about_34_not_4():
+    """z = 1, 100 rounds, 50 of 1,000 clients, delta 1e-5 (issue 13, defect 2)."""
+    common = {"cohort_size": 50, "num_total_clients": 1000}
+    fixed_size = accounting.compute_epsilon(1.0, 100, 1e-5, sampling="fixed_size", **common)
+    poisson = accounting.compute_epsilon(1.0, 100, 1e-5, sampling="poisson", **common)
+    # Fixed size: neighbours replace one user, who moves the clipped sum by up
+    # to 2C, so the Gaussian's multiplier relative to that sensitivity is 1/2.
+    expected_fixed_size = _independent_epsilon(
+        dp_accounting.SampledWithoutReplacementDpEvent(
+            1000, 50, dp_accounting.GaussianDpEvent(0.5)
+        ),
+        dp_accounting.NeighboringRelation.REPLACE_ONE,
+        100,
+        1e-5,
+    )
+    expected_poisson = _independent_epsilon(
+        dp_accounting.PoissonSampledDpEvent(0.05, dp_accounting.GaussianDpEvent(1.0)),
+        dp_accounting.NeighboringRelation.ADD_OR_REMOVE_ONE,
+        100,
+        1e-5,
+    )
+    assert accounting.round_event(1.0, sampling="fixed_size", **common) == (
+        dp_accounting.SampledWithoutReplacementDpEvent(
+            1000, 50, dp_accounting.GaussianDpEvent(0.5)
+        )
+    )
+    assert accounting.round_event(1.0, sampling="poisson", **common) == (
+        dp_accounting.PoissonSampledDpEvent(0.05, dp_accounting.GaussianDpEvent(1.0))
+    )
+    np.testing.assert_allclose(fixed_size, expected_fixed_size, rtol=1e-9)
+    np.testing.assert_allclose(poisson, expected_poisson, rtol=1e-9)
+    assert 30 < fixed_size < 40 and 3 < poisson < 5  # the issue's "about 34" and "about 4"
+
+
+@pytest.mark.parametrize(
+    "function, arguments",
+    [
+        (accounting.compute_epsilon, (1.0, 10, DELTA)),
+        (accounting.epsilon_schedule, (1.0, 10, DELTA)),
+        (accounting.find_noise_multiplier, (2.0, 10, DELTA)),
+        (accounting.round_event, (1.0,)),
+    ],
+)
+def test_the_sampler_has_no_default(function, arguments):
+    with pytest.raises(TypeError, match="sampling"):
+        function(*arguments, cohort_size=COHORT, num_total_clients=POPULATION)
+
+
 def test_schedule_is_the_epsilon_after_each_round():
-    kwargs = {"cohort_size": COHORT, "num_total_clients": POPULATION}
+    # Poisson: the sampler does not matter here, and its RDP is ten times faster.
+    kwargs = {"cohort_size": COHORT, "num_total_clients": POPULATION, "sampling": "poisson"}
     schedule = accounting.epsilon_schedule(1.0, 12, DELTA, **kwargs)
     assert schedule.delta == DELTA and schedule.epsilons.shape == (12,)
     assert np.all(np.diff(schedule.epsilons) > 0)
@@ -121,6 +181,7 @@ def test_noise_multiplier_search_hits_the_target(sampling, accountant, num_round
         ({"cohort_size": 0}, "cohort_size"),
         ({"cohort_size": POPULATION + 1}, "cohort_size"),
         ({"sampling": "with_replacement"}, "sampling"),
+        ({"sampling": None}, "sampling"),
         ({"accountant": "moments"}, "accountant"),
     ],
 )
@@ -131,6 +192,7 @@ def test_bad_accounting_arguments_name_the_parameter(kwargs, parameter):
         "delta": DELTA,
         "cohort_size": COHORT,
         "num_total_clients": POPULATION,
+        "sampling": "poisson",
     }
     arguments.update(kwargs)
     with pytest.raises(ValueError, match=parameter):
@@ -140,7 +202,9 @@ def test_bad_accounting_arguments_name_the_parameter(kwargs, parameter):
 def test_bad_search_target_names_the_parameter():
     with pytest.raises(ValueError, match="target_epsilon"):
         accounting.find_noise_multiplier(
-            0.0, 10, DELTA, cohort_size=COHORT, num_total_clients=POPULATION
+            0.0, 10, DELTA, cohort_size=COHORT, num_total_clients=POPULATION, sampling="poisson"
         )
     with pytest.raises(ValueError, match="delta"):
-        accounting.epsilon_schedule(1.0, 10, 2.0, cohort_size=COHORT, num_total_clients=POPULATION)
+        accounting.epsilon_schedule(
+            1.0, 10, 2.0, cohort_size=COHORT, num_total_clients=POPULATION, sampling="fixed_size"
+        )

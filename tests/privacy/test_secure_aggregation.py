@@ -1,4 +1,5 @@
-"""Secure aggregation: exact unmasking with and without dropouts, uniform masked inputs."""
+"""Secure aggregation: exact unmasking with and without dropouts, uniform masked inputs,
+and the side channel masked and decoded with the update."""
 
 import functools
 import itertools
@@ -9,6 +10,7 @@ import numpy as np
 import pytest
 from scipy import stats
 
+from fedjaxsim.core.aggregators import ClientPayload, aggregate_clients
 from fedjaxsim.privacy import mask_inputs, quantize_to_fixed_point, secure_aggregator, unmask_sum
 from fedjaxsim.privacy.secure_aggregation import quantization_scale
 from tests.privacy import harness
@@ -87,26 +89,19 @@ def test_fixed_point_quantization_is_unbiased():
     assert np.abs(np.asarray(quantized)).max() <= 2 ** (bits - 1) - 1
 
 
-def test_secure_round_equals_the_plaintext_quantized_mean(logreg_loss, logreg_params):
-    """Masking changes nothing, with dropouts too; the result is the survivors'
-    clipped mean up to one quantization level."""
+def test_secure_round_through_the_engine_is_the_survivors_clipped_mean(
+    logreg_loss, logreg_params
+):
+    """With dropouts, the round's delta is the clipped mean of exactly one subset
+    of survivors, to within one quantization level (masked equals unmasked
+    bit for bit: the side-channel test below)."""
     cohort = harness.cohort()
     clip_norm, bits = 1.0, 12
-    common = {
-        "quantization_bits": bits,
-        "modulus_bits": 32,
-        "dropout_rate": 0.3,
-        "threshold_fraction": 0.0,
-    }
-    masked_state, masked_out = harness.run_round(
-        logreg_loss, logreg_params, secure_aggregator(clip_norm, **common), cohort
+    aggregator = secure_aggregator(
+        clip_norm, quantization_bits=bits, modulus_bits=32, dropout_rate=0.3, threshold_fraction=0.0
     )
-    plain_state, _ = harness.run_round(
-        logreg_loss, logreg_params, secure_aggregator(clip_norm, masking=False, **common), cohort
-    )
-    for got, want in zip(jax.tree.leaves(masked_state.params), jax.tree.leaves(plain_state.params)):
-        np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
-    metrics = masked_out.server_metrics
+    state, out = harness.run_round(logreg_loss, logreg_params, aggregator, cohort)
+    metrics = out.server_metrics
     assert float(metrics["secagg_num_participants"]) == len(harness.CLIENT_IDS)
     num_survivors = int(metrics["secagg_num_survivors"])
     assert 0 < num_survivors < len(harness.CLIENT_IDS)  # this seed drops someone
@@ -115,54 +110,139 @@ def test_secure_round_equals_the_plaintext_quantized_mean(logreg_loss, logreg_pa
     num_params = harness.flat(logreg_params).size
     assert float(metrics["secagg_bits_per_client"]) == 32 * num_params
 
-    # Against float64: the survivors are not reported, so the aggregate must be
-    # the clipped mean of some subset of that size, to within one quantization level.
     updates, _ = harness.client_updates(logreg_loss, logreg_params, cohort)
     rows = harness.flat_rows(updates)
     clipped = rows * np.minimum(1.0, clip_norm / np.linalg.norm(rows, axis=1))[:, None]
-    delta = harness.flat(logreg_params) - harness.flat(masked_state.params)
-    errors = [
-        np.abs(delta - clipped[list(subset)].mean(axis=0)).max()
+    delta = harness.flat(logreg_params) - harness.flat(state.params)
+    level = 1.0 / quantization_scale(clip_norm, bits)
+    matches = [
+        subset
         for subset in itertools.combinations(range(len(rows)), num_survivors)
+        if np.abs(delta - clipped[list(subset)].mean(axis=0)).max() <= level
     ]
-    assert min(errors) <= 1.0 / quantization_scale(clip_norm, bits)
-    assert sorted(errors)[1] > 1.0 / quantization_scale(clip_norm, bits)  # and only one
+    assert len(matches) == 1
+
+
+# 1 - 2^-15 with 16 quantization bits: exactly 2^15 levels per unit, so that
+# multiples of 2^-15 quantize without rounding.
+EXACT_CLIP_NORM, EXACT_BITS = 1.0 - 2.0**-15, 16
 
 
 def test_too_few_survivors_abort_the_round():
     # Masking is verified above; the abort rule does not depend on it.
-    aggregator = secure_aggregator(1.0, dropout_rate=0.5, threshold_fraction=0.9, masking=False)
-    reduced = {
-        "quantized": {"w": jnp.ones((NUM_CLIENTS, 3), jnp.int32)},
-        "participant": jnp.ones(NUM_CLIENTS, bool),
-        "nonfinite": jnp.zeros(NUM_CLIENTS, bool),
-    }
-    finalize = jax.jit(aggregator.finalize)
+    aggregator = secure_aggregator(
+        EXACT_CLIP_NORM,
+        quantization_bits=EXACT_BITS,
+        dropout_rate=0.5,
+        threshold_fraction=0.5,  # at least 4 of the 7 must survive
+        masking=False,
+    )
+    value = 3 * 2.0**-15
+    payloads = ClientPayload(update={"w": np.full((NUM_CLIENTS, 3), value, np.float32)})
+    run = jax.jit(
+        lambda rng: aggregate_clients(
+            aggregator, payloads, np.ones(NUM_CLIENTS, np.float32), aggregator.init(None), rng
+        )
+    )
     aborted_rounds = 0
     for seed in range(6):
-        aggregate, _, metrics = finalize(reduced, aggregator.init(None), jax.random.key(seed))
+        aggregate, _, metrics = run(jax.random.key(seed))
         survivors = int(metrics["secagg_num_survivors"])
-        aborted = survivors < int(np.floor(0.9 * NUM_CLIENTS)) + 1
+        aborted = survivors < 4
         assert float(metrics["secagg_aborted"]) == aborted
         if aborted:
             aborted_rounds += 1
-            np.testing.assert_array_equal(np.asarray(aggregate["w"]), 0.0)
+            np.testing.assert_array_equal(np.asarray(aggregate.update["w"]), 0.0)
+            assert float(aggregate.weight) == 0.0
         else:
-            np.testing.assert_allclose(
-                np.asarray(aggregate["w"]), 1.0 / quantization_scale(1.0, 16)
-            )
-    assert aborted_rounds > 0
+            np.testing.assert_array_equal(np.asarray(aggregate.update["w"]), value)
+            assert float(aggregate.weight) == survivors
+    assert 0 < aborted_rounds < 6  # these seeds give both outcomes
 
 
 def test_a_sum_that_could_overflow_the_modulus_is_rejected():
     aggregator = secure_aggregator(1.0, quantization_bits=16, modulus_bits=16)
-    reduced = {
-        "quantized": {"w": jnp.zeros((NUM_CLIENTS, 3), jnp.int32)},
-        "participant": jnp.ones(NUM_CLIENTS, bool),
-        "nonfinite": jnp.zeros(NUM_CLIENTS, bool),
-    }
+    payloads = ClientPayload(update={"w": np.zeros((NUM_CLIENTS, 3), np.float32)})
     with pytest.raises(ValueError, match="modulus_bits"):
-        aggregator.finalize(reduced, aggregator.init(None), jax.random.key(0))
+        jax.eval_shape(
+            lambda: aggregate_clients(
+                aggregator, payloads, np.ones(NUM_CLIENTS), aggregator.init(None), jax.random.key(0)
+            )
+        )
+
+
+def _subsets_within(aggregate, clipped, parts, num_survivors, level):
+    """The subsets of ``num_survivors`` clients whose clipped rows the decoded
+    aggregate matches: update and means as their mean, sums as their sum,
+    within one quantization level per client."""
+    update_and_means, sums = parts
+    got = harness.flat(ClientPayload(aggregate.update, aggregate.means, aggregate.sums))
+    matches = []
+    for subset in itertools.combinations(range(len(clipped)), num_survivors):
+        rows = clipped[list(subset)]
+        mean_error = np.abs(got[update_and_means] - rows[:, update_and_means].mean(axis=0))
+        sum_error = np.abs(got[sums] - rows[:, sums].sum(axis=0))
+        if mean_error.max() <= level and sum_error.max() <= num_survivors * level:
+            matches.append(subset)
+    return matches
+
+
+@pytest.fixture(scope="module")
+def side_channel_rounds():
+    """Secure aggregation (dropout rate 0.4) of payloads with side means and sums,
+    masked and in the clear, for three seeds; seven clients, one of weight 0."""
+    payloads = harness.side_channel_payloads(NUM_CLIENTS, seed=5, scale=0.2)
+    weights = np.array([1.0, 2.0, 1.0, 0.0, 5.0, 1.0, 0.5], np.float32)
+
+    def rounds(masking):
+        aggregator = secure_aggregator(
+            1.0, quantization_bits=12, dropout_rate=0.4, threshold_fraction=0.0, masking=masking
+        )
+        run = jax.jit(
+            lambda rng: aggregate_clients(aggregator, payloads, weights, aggregator.init(None), rng)
+        )
+        return [run(jax.random.key(seed)) for seed in range(3)]
+
+    return payloads, weights, {True: rounds(True), False: rounds(False)}
+
+
+def test_masked_side_channel_decodes_to_the_unmasked_one_bit_for_bit(side_channel_rounds):
+    _, _, rounds = side_channel_rounds
+    for masked, clear in zip(rounds[True], rounds[False]):
+        (masked_aggregate, _, masked_metrics), (clear_aggregate, _, clear_metrics) = masked, clear
+        for part in ("update", "means", "sums"):
+            got, want = getattr(masked_aggregate, part), getattr(clear_aggregate, part)
+            assert jax.tree.structure(got) == jax.tree.structure(want)
+            for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+                np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+        assert float(masked_aggregate.weight) == float(clear_aggregate.weight)
+        for key in masked_metrics:
+            np.testing.assert_array_equal(masked_metrics[key], clear_metrics[key])
+    assert max(float(metrics["secagg_num_dropped"]) for _, _, metrics in rounds[True]) > 0
+
+
+def test_side_channel_is_clipped_with_the_update_and_decoded_as_means_and_sums(
+    side_channel_rounds,
+):
+    """Float64 reference: one clip factor for the joint row; update and means
+    the survivors' uniform mean, sums their plain sum. The survivors are not
+    reported, so exactly one subset of that size must match."""
+    payloads, weights, rounds = side_channel_rounds
+    present = weights > 0
+    rows = harness.flat_rows(payloads)[present]
+    norms = np.linalg.norm(rows, axis=1)
+    assert np.sum(norms > 1.0) >= 2  # the clip bites
+    clipped = rows * np.minimum(1.0, 1.0 / norms)[:, None]
+    sizes = [sum(leaf[0].size for leaf in jax.tree.leaves(part)) for part in payloads]
+    parts = (np.arange(sizes[0] + sizes[1]), np.arange(sizes[0] + sizes[1], sum(sizes)))
+    level = 1.0 / quantization_scale(1.0, 12)
+    for aggregate, _, metrics in rounds[True]:
+        num_survivors = int(metrics["secagg_num_survivors"])
+        assert len(_subsets_within(aggregate, clipped, parts, num_survivors, level)) == 1
+        assert float(aggregate.weight) == num_survivors
+        assert float(metrics["secagg_num_participants"]) == present.sum()
+        # The joint message travels masked: 32 bits per value of update, means and sums.
+        assert float(metrics["secagg_bits_per_client"]) == 32 * sum(sizes)
 
 
 @pytest.mark.parametrize(

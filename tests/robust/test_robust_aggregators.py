@@ -1,11 +1,10 @@
 """Robust aggregators against loop-based float64 NumPy references."""
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from fedjaxsim.core.engine import ExecutionPlan
+from fedjaxsim.core.aggregators import ClientPayload, aggregate_clients
 from fedjaxsim.robust import coordinate_median, krum, multi_krum, norm_bounded_mean, trimmed_mean
 from tests.privacy import harness
 
@@ -26,21 +25,13 @@ def _stacked_inputs(seed=0):
     return updates, weights
 
 
-def _aggregate(aggregator, updates, weights):
-    """Runs client_transform under vmap, the reduction, and finalize (as the engine does)."""
-
-    @jax.jit
-    def run(updates, weights):
-        state = aggregator.init(None)
-        contributions = jax.vmap(aggregator.client_transform, in_axes=(0, 0, None, None))(
-            updates, weights, state, jax.random.key(0)
-        )
-        if aggregator.reduction == "sum":
-            contributions = jax.tree.map(lambda leaf: jnp.sum(leaf, axis=0), contributions)
-        return aggregator.finalize(contributions, state, jax.random.key(1))
-
-    aggregate, _, metrics = run(updates, weights)
-    return harness.flat(aggregate), metrics
+def _aggregate(aggregator, updates, weights, means=None, sums=None):
+    """``aggregate_clients`` over stacked payloads; returns (flat update, aggregate, metrics)."""
+    payloads = ClientPayload(updates, {} if means is None else means, {} if sums is None else sums)
+    aggregate, _, metrics = jax.jit(aggregate_clients, static_argnums=0)(
+        aggregator, payloads, weights, aggregator.init(None), jax.random.key(0)
+    )
+    return harness.flat(aggregate.update), aggregate, metrics
 
 
 def _valid_rows(updates, weights):
@@ -71,7 +62,7 @@ def _krum_reference(rows, num_byzantine, num_selected):
 
 def test_coordinate_median_matches_numpy():
     updates, weights = _stacked_inputs()
-    got, metrics = _aggregate(coordinate_median(), updates, weights)
+    got, _, metrics = _aggregate(coordinate_median(), updates, weights)
     rows, _ = _valid_rows(updates, weights)
     assert len(rows) == 8  # even: the mean of the two middle values
     np.testing.assert_allclose(got, np.median(rows, axis=0), rtol=1e-6, atol=1e-7)
@@ -79,14 +70,14 @@ def test_coordinate_median_matches_numpy():
     assert float(metrics["num_nonfinite_updates"]) == 1
     odd_weights = weights.copy()
     odd_weights[0] = 0.0
-    got, _ = _aggregate(coordinate_median(), updates, odd_weights)
+    got, _, _ = _aggregate(coordinate_median(), updates, odd_weights)
     np.testing.assert_array_equal(got, np.median(_valid_rows(updates, odd_weights)[0], axis=0))
 
 
 @pytest.mark.parametrize("fraction", [0.0, 0.2, 0.49])
 def test_trimmed_mean_matches_loop_reference(fraction):
     updates, weights = _stacked_inputs(seed=1)
-    got, metrics = _aggregate(trimmed_mean(fraction), updates, weights)
+    got, _, metrics = _aggregate(trimmed_mean(fraction), updates, weights)
     rows, _ = _valid_rows(updates, weights)
     np.testing.assert_allclose(got, _trimmed_mean_reference(rows, fraction), rtol=1e-5, atol=1e-6)
     assert float(metrics["trimmed_mean_num_trimmed"]) == np.floor(fraction * len(rows))
@@ -95,7 +86,7 @@ def test_trimmed_mean_matches_loop_reference(fraction):
 @pytest.mark.parametrize("num_byzantine, num_selected", [(2, 1), (1, 4)])
 def test_krum_and_multi_krum_match_loop_reference(num_byzantine, num_selected):
     updates, weights = _stacked_inputs(seed=2)
-    got, metrics = _aggregate(multi_krum(num_byzantine, num_selected), updates, weights)
+    got, _, metrics = _aggregate(multi_krum(num_byzantine, num_selected), updates, weights)
     rows, _ = _valid_rows(updates, weights)
     expected, _ = _krum_reference(rows, num_byzantine, num_selected)
     np.testing.assert_allclose(got, expected, rtol=1e-6, atol=1e-7)
@@ -108,7 +99,7 @@ def test_krum_and_multi_krum_match_loop_reference(num_byzantine, num_selected):
 
 def test_norm_bounded_mean_matches_numpy():
     updates, weights = _stacked_inputs(seed=3)
-    got, metrics = _aggregate(norm_bounded_mean(1.5), updates, weights)
+    got, _, metrics = _aggregate(norm_bounded_mean(1.5), updates, weights)
     rows, row_weights = _valid_rows(updates, weights)
     norms = np.linalg.norm(rows, axis=1)
     clipped = rows * np.minimum(1.0, 1.5 / norms)[:, None]
@@ -117,13 +108,53 @@ def test_norm_bounded_mean_matches_numpy():
     assert float(metrics["norm_bound_num_clipped"]) == np.sum(norms > 1.5)
 
 
+@pytest.mark.parametrize(
+    "build",
+    [coordinate_median, lambda: trimmed_mean(0.2), lambda: krum(2), lambda: norm_bounded_mean(50.0)],
+    ids=["median", "trimmed_mean", "krum", "norm_bound"],
+)
+def test_side_channel_is_a_weighted_mean_and_a_plain_sum_over_the_present_clients(build):
+    """The rule applies to the update rows; the side channel is streamed as
+    declared: means weighted by the clients' weights, sums plain, both over the
+    clients that count (the NaN client and the padding clients drop out whole).
+    The norm bound clips the joint message; 50 is above every norm here."""
+    updates, weights = _stacked_inputs(seed=4)
+    updates["kernel"][2] /= 25.0  # no outlier: keeps every norm below the bound
+    side = harness.side_channel_payloads(NUM_ROWS, seed=6)
+    got, aggregate, metrics = _aggregate(build(), updates, weights, side.means, side.sums)
+    keep = (weights > 0) & np.all(np.isfinite(harness.flat_rows(updates)), axis=1)
+    assert keep.sum() == 8
+    kept_weights = weights[keep].astype(np.float64)
+    means = harness.flat_rows(side.means)[keep]
+    sums = harness.flat_rows(side.sums)[keep]
+    np.testing.assert_allclose(
+        harness.flat(aggregate.means),
+        (kept_weights[:, None] * means).sum(axis=0) / kept_weights.sum(),
+        rtol=1e-5,
+        atol=1e-6,
+    )
+    np.testing.assert_allclose(harness.flat(aggregate.sums), sums.sum(axis=0), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(float(aggregate.weight), kept_weights.sum(), rtol=1e-6)
+    assert float(metrics["num_nonfinite_updates"]) == 1
+    # The update is the rule's, from the update rows alone.
+    rows, _ = _valid_rows(updates, weights)
+    assert np.linalg.norm(np.concatenate([rows, means, sums], axis=1), axis=1).max() < 50.0
+    expected = {
+        "median": lambda: np.median(rows, axis=0),
+        "trimmed_mean": lambda: _trimmed_mean_reference(rows, 0.2),
+        "krum": lambda: _krum_reference(rows, 2, 1)[0],
+        "norm_bound": lambda: (kept_weights[:, None] * rows).sum(axis=0) / kept_weights.sum(),
+    }
+    name = {coordinate_median: "median"}.get(build)
+    del name
+    np.testing.assert_allclose(got, expected[_NAMES[id(build)]](), rtol=1e-5, atol=1e-6)
+
+
 def test_median_through_the_engine_with_clients_packed_in_lanes(logreg_loss, logreg_params):
     """Stacked rows reach finalize in cohort order, whatever the lane layout."""
     updates, _ = harness.client_updates(logreg_loss, logreg_params, harness.cohort())
     packed = harness.cohort(num_lanes=4)  # several clients per lane, and empty positions
-    state, out = harness.run_round(
-        logreg_loss, logreg_params, coordinate_median(), packed, plan=ExecutionPlan(num_lanes=4)
-    )
+    state, out = harness.run_round(logreg_loss, logreg_params, coordinate_median(), packed)
     expected = harness.flat(logreg_params) - np.median(harness.flat_rows(updates), axis=0)
     np.testing.assert_allclose(harness.flat(state.params), expected, atol=1e-6)
     assert float(out.server_metrics["robust_num_clients"]) == len(harness.CLIENT_IDS)

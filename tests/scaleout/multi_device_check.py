@@ -1,7 +1,8 @@
 """Run in a subprocess with XLA_FLAGS=--xla_force_host_platform_device_count=8.
 
 Trains the same cohorts on meshes of 1, 2 and 8 CPU devices, with several
-plans, and prints the max parameter difference to the 1-device result as JSON.
+layouts (execution plans, and lanes packed by ``pack_cohort``), and prints the
+max parameter difference to the 1-device, one-client-per-lane result as JSON.
 """
 
 import json
@@ -17,41 +18,38 @@ from fedjaxsim.core.packing import PackingConfig, pack_cohort
 from fedjaxsim.core.sharding import client_mesh, shard_cohort
 from fedjaxsim.models import classification_loss, from_linen
 from fedjaxsim.models.zoo import LogisticRegression
+from fedjaxsim.testing import synthetic_clients
 
 
 def main():
     assert len(jax.devices()) == 8, jax.devices()
-    rng = np.random.default_rng(0)
     sizes = [1, 7, 23, 4, 16, 9, 30, 2, 11, 5, 13]  # 11 clients: never divides 2 or 8
-    clients = []
-    for n in sizes:
-        y = rng.integers(0, 5, n).astype(np.int32)
-        clients.append({"x": rng.normal(size=(n, 12)).astype(np.float32) + y[:, None], "y": y})
+    clients = synthetic_clients(sizes)
     ids = list(range(100, 100 + len(sizes)))
     model = from_linen(LogisticRegression(num_classes=5))
     params = model.init(jax.random.key(0), np.zeros((1, 12), np.float32))
     algorithm = fed_avg(classification_loss(model), optax.adam(0.02), optax.sgd(1.0))
     config = PackingConfig(batch_size=4, num_epochs=2)
 
-    def train(devices, plan):
+    def train(devices, plan, num_lanes=None):
         mesh = client_mesh(jax.devices()[:devices])
         round_fn = build_round(algorithm, plan, mesh=mesh)
         state = algorithm.init(params)
         for r in range(3):
             cohort = pack_cohort(clients, ids, config, seed=0, round_index=r, num_total_clients=200,
-                                 num_lanes=plan.num_lanes)
+                                 num_lanes=num_lanes)
             state, out = round_fn(state, shard_cohort(cohort, mesh), jax.random.key(r))
         return jax.device_get(state.params), jax.device_get(out.client_metrics)
 
     reference, reference_metrics = train(1, ExecutionPlan())
     report = {}
     for devices in (2, 8):
-        for name, plan in {
-            "vmap": ExecutionPlan(),
-            "chunks": ExecutionPlan(clients_per_chunk=2),
-            "lanes": ExecutionPlan(num_lanes=4, clients_per_chunk=2),
+        for name, (plan, num_lanes) in {
+            "vmap": (ExecutionPlan(), None),
+            "chunks": (ExecutionPlan(clients_per_chunk=2), None),
+            "lanes": (ExecutionPlan(clients_per_chunk=2), 4),  # clients one after another
         }.items():
-            got, metrics = train(devices, plan)
+            got, metrics = train(devices, plan, num_lanes)
             difference = max(
                 float(np.max(np.abs(a - b))) for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(reference))
             )

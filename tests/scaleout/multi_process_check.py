@@ -1,6 +1,6 @@
 """One process of a 2-process run on localhost (or the 1-process reference).
 
-Usage: multi_process_check.py PROCESS_ID PROCESS_COUNT PORT
+Usage: multi_process_check.py PROCESS_ID PROCESS_COUNT PORT LANES_PER_PROCESS|none
 Prints the final parameters (as lists) and metrics as one JSON line.
 """
 
@@ -25,15 +25,12 @@ from fedjaxsim.core.sharding import (
 from fedjaxsim.models import classification_loss, from_linen
 from fedjaxsim.models.zoo import LogisticRegression
 from fedjaxsim.runner.distributed import initialize
+from fedjaxsim.testing import synthetic_clients
 
 
 def population():
-    rng = np.random.default_rng(0)
-    clients = []
-    for n in rng.integers(1, 30, size=40):
-        y = rng.integers(0, 5, n).astype(np.int32)
-        clients.append({"x": rng.normal(size=(n, 12)).astype(np.float32) + y[:, None], "y": y})
-    return clients
+    sizes = np.random.default_rng(0).integers(1, 30, size=40)
+    return synthetic_clients(sizes.tolist())
 
 
 def main():
@@ -47,7 +44,8 @@ def main():
     algorithm = fed_avg(classification_loss(model), optax.adam(0.02), optax.sgd(1.0))
     config = PackingConfig(batch_size=4, num_epochs=2)
     mesh = client_mesh()
-    round_fn = build_round(algorithm, ExecutionPlan(num_lanes=lanes_per_process), mesh=mesh)
+    # Lanes are a packing decision (pack_process_share's lanes_per_process).
+    round_fn = build_round(algorithm, ExecutionPlan(), mesh=mesh)
     state = algorithm.init(params)
     examples = []
     for r in range(3):
