@@ -6,10 +6,9 @@ round's lane work under ``jax.shard_map``: each device trains its block of
 lanes with the same code as a single device (so a lone lane per device runs
 unvmapped, with real ``lax.cond`` skips, and on a CPU host split into one
 device per core the lanes train in parallel), then one ``psum`` over
-``"clients"`` sums the
-contributions. (Letting XLA's SPMD partitioner insert the all-reduce from an
-ordinary sum would force every chunk to span every device, vmapping a
-device's lanes even when it holds one.) Meshes use ``AxisType.Auto``: on jax
+``"clients"`` sums the contributions. (Letting XLA's SPMD partitioner insert
+the all-reduce from an ordinary sum would force every chunk to span every
+device, vmapping a device's lanes even when it holds one.) Meshes use ``AxisType.Auto``: on jax
 0.10.2 a vmap-of-scan round fails under the Explicit axis types that
 ``jax.make_mesh`` defaults to.
 """
