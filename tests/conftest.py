@@ -7,6 +7,8 @@ logistic-regression fixtures match its default shapes.
 
 from __future__ import annotations
 
+import inspect
+
 from fedjaxsim.runner.platform import configure_xla_cpu
 
 configure_xla_cpu()  # before any JAX computation, as the CLI does
@@ -19,18 +21,11 @@ from fedjaxsim.models import classification_loss, from_linen, get_model  # noqa:
 from fedjaxsim.models.zoo import LogisticRegression  # noqa: E402
 from fedjaxsim.testing import synthetic_clients  # noqa: E402
 
-# The default shapes of synthetic_clients: x float32[n, 12], y in [0, 5).
-SYNTHETIC_FEATURES = 12
-SYNTHETIC_CLASSES = 5
-
-# Deprecated aliases, kept while other test folders still import them.
-NUM_FEATURES = SYNTHETIC_FEATURES
-NUM_CLASSES = SYNTHETIC_CLASSES
-
-
-def make_clients(sizes, seed=0, num_features=NUM_FEATURES, num_classes=NUM_CLASSES):
-    """Deprecated: use :func:`fedjaxsim.testing.synthetic_clients` (same data)."""
-    return synthetic_clients(sizes, seed=seed, num_features=num_features, num_classes=num_classes)
+# The default shapes of synthetic_clients: x float32[n, SYNTHETIC_FEATURES],
+# y in [0, SYNTHETIC_CLASSES).
+_DEFAULTS = inspect.signature(synthetic_clients).parameters
+SYNTHETIC_FEATURES = _DEFAULTS["num_features"].default
+SYNTHETIC_CLASSES = _DEFAULTS["num_classes"].default
 
 
 @pytest.fixture(scope="session")

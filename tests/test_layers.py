@@ -18,8 +18,8 @@ and each is checked against the rules below:
 * Pure code (``core`` and ``algorithms``) imports no I/O library and never
   prints, logs, calls ``jax.device_get`` or changes JAX's global config.
 
-Importing the package root (``import fedjaxsim``) counts as importing every
-layer it re-exports, so only the runner and the testing helpers may.
+Importing the package root (``import fedjaxsim``) pulls in every layer it
+re-exports, so only the runner and the testing helpers may.
 """
 
 from __future__ import annotations
@@ -33,10 +33,24 @@ import pytest
 PACKAGE_DIR = Path(__file__).resolve().parents[1] / "fedjaxsim"
 ROOT = "fedjaxsim"
 
-IO_MODULES = frozenset({
-    "tensorflow", "tensorflow_datasets", "orbax", "h5py", "sqlite3", "logging", "tqdm",
-    "matplotlib", "tensorboardX", "pickle", "urllib", "requests", "shutil", "subprocess",
-})
+IO_MODULES = frozenset(
+    {
+        "tensorflow",
+        "tensorflow_datasets",
+        "orbax",
+        "h5py",
+        "sqlite3",
+        "logging",
+        "tqdm",
+        "matplotlib",
+        "tensorboardX",
+        "pickle",
+        "urllib",
+        "requests",
+        "shutil",
+        "subprocess",
+    }
+)
 IO_CALLS = frozenset({"print", "device_get", "open"})
 EXTENSIONS = ("privacy", "robust", "compression")
 
@@ -84,9 +98,14 @@ def resolve_imports(tree: ast.AST, module: str, is_package: bool, known: set[str
                     found.append(Import(submodule, None, node.lineno))
                 else:
                     found.append(Import(source, alias.name, node.lineno))
-        elif isinstance(node, ast.Call) and _called_name(node) in ("import_module", "__import__"):
-            if node.args and isinstance(node.args[0], ast.Constant) and isinstance(node.args[0].value, str):
-                found.append(Import(node.args[0].value, None, node.lineno))
+        elif (
+            isinstance(node, ast.Call)
+            and _called_name(node) in ("import_module", "__import__")
+            and node.args
+            and isinstance(node.args[0], ast.Constant)
+            and isinstance(node.args[0].value, str)
+        ):
+            found.append(Import(node.args[0].value, None, node.lineno))
     return found
 
 
@@ -115,12 +134,27 @@ def layer_violations(module: str, imported: Import) -> list[str]:
     found = []
 
     def forbid(layers, why):
-        if target == ROOT or any(_within(target, _layer(*layer.split("."))) for layer in layers):
+        if any(_within(target, _layer(*layer.split("."))) for layer in layers):
             found.append(f"{where}: {why}")
+
+    may_import_root = module == ROOT or any(
+        _within(module, _layer(layer)) for layer in ("runner", "testing")
+    )
+    if target == ROOT and not may_import_root:
+        found.append(f"{where}: the package root re-exports every layer")
 
     if _within(module, _layer("core")):
         forbid(
-            ["algorithms", "runner", "data", "privacy", "robust", "compression", "models", "testing"],
+            [
+                "algorithms",
+                "runner",
+                "data",
+                "privacy",
+                "robust",
+                "compression",
+                "models",
+                "testing",
+            ],
             "core imports nothing from the layers above it",
         )
     if _within(module, _layer("algorithms")):
@@ -129,7 +163,9 @@ def layer_violations(module: str, imported: Import) -> list[str]:
         if target == packing and (name is None or name.startswith("pack")):
             found.append(f"{where}: algorithms never pack cohorts (the engine's caller does)")
     if _within(module, _layer("models")):
-        forbid(["core.engine", "runner", "algorithms"], "models never read the engine or the runner")
+        forbid(
+            ["core.engine", "runner", "algorithms"], "models never read the engine or the runner"
+        )
     for extension in EXTENSIONS:
         others = [other for other in EXTENSIONS if other != extension]
         if _within(module, _layer(extension)):
@@ -139,7 +175,9 @@ def layer_violations(module: str, imported: Import) -> list[str]:
                 ):
                     found.append(f"{where}: {extension} reaches into {other}'s private parts")
     if _within(module, _layer("data")):
-        forbid(["algorithms", "runner", "core.engine"], "data never imports algorithms or the engine")
+        forbid(
+            ["algorithms", "runner", "core.engine"], "data never imports algorithms or the engine"
+        )
     return found
 
 
@@ -161,7 +199,9 @@ def io_violations(module: str, tree: ast.AST, imports: list[Import]) -> list[str
                 and isinstance(func, ast.Attribute)
                 and getattr(func.value, "attr", getattr(func.value, "id", None)) == "config"
             ):
-                found.append(f"{module} (line {node.lineno}) changes jax.config: library code never does")
+                found.append(
+                    f"{module} (line {node.lineno}) changes jax.config: library code never does"
+                )
     return found
 
 
@@ -187,14 +227,22 @@ def test_the_checker_sees_every_layer():
     resolved as they are written."""
     for layer in ("core", "core.engine", "algorithms", "models", "data", *EXTENSIONS):
         assert any(_within(m, _layer(*layer.split("."))) for m in MODULES), layer
-    assert {"fedjaxsim.core.engine.round", "fedjaxsim.core.packing", "fedjaxsim.algorithms.fed_avg"} <= set(MODULES)
+    assert {
+        "fedjaxsim.core.engine.round",
+        "fedjaxsim.core.packing",
+        "fedjaxsim.algorithms.fed_avg",
+    } <= set(MODULES)
     round_module = "fedjaxsim.core.engine.round"
     tree = ast.parse(MODULES[round_module].read_text())
-    imported = {(i.module, i.name) for i in resolve_imports(tree, round_module, False, set(MODULES))}
+    imported = {
+        (i.module, i.name) for i in resolve_imports(tree, round_module, False, set(MODULES))
+    }
     assert ("fedjaxsim.core.engine.chunks", "train_lanes") in imported
     # Relative imports and from-package-import-module resolve to modules.
     tree = ast.parse("from ..trees import tree_add\nfrom .. import packing\nfrom . import lanes")
-    imported = {(i.module, i.name) for i in resolve_imports(tree, round_module, False, set(MODULES))}
+    imported = {
+        (i.module, i.name) for i in resolve_imports(tree, round_module, False, set(MODULES))
+    }
     assert imported == {
         ("fedjaxsim.core.trees", "tree_add"),
         ("fedjaxsim.core.packing", None),
@@ -205,31 +253,72 @@ def test_the_checker_sees_every_layer():
 @pytest.mark.parametrize(
     "module, source, expected",
     [
-        ("fedjaxsim.core.engine.round", "from fedjaxsim.algorithms.fed_avg import fed_avg", "core imports nothing"),
+        (
+            "fedjaxsim.core.engine.round",
+            "from fedjaxsim.algorithms.fed_avg import fed_avg",
+            "core imports nothing",
+        ),
         ("fedjaxsim.core.engine.round", "from ...runner import config", "core imports nothing"),
         ("fedjaxsim.core.trees", "import fedjaxsim.data.digits", "core imports nothing"),
         ("fedjaxsim.core.trees", "from fedjaxsim import models", "core imports nothing"),
-        ("fedjaxsim.core.trees", "from fedjaxsim import fed_avg", "core imports nothing"),
-        ("fedjaxsim.core.trees", "def f():\n    from fedjaxsim.privacy import accounting", "core imports nothing"),
-        ("fedjaxsim.core.trees", "import importlib\nimportlib.import_module('fedjaxsim.robust')", "core imports"),
+        ("fedjaxsim.core.trees", "from fedjaxsim import fed_avg", "root re-exports"),
+        ("fedjaxsim.robust.attacks", "import fedjaxsim", "root re-exports"),
+        (
+            "fedjaxsim.core.trees",
+            "def f():\n    from fedjaxsim.privacy import accounting",
+            "core imports nothing",
+        ),
+        (
+            "fedjaxsim.core.trees",
+            "import importlib\nimportlib.import_module('fedjaxsim.robust')",
+            "core imports",
+        ),
         ("fedjaxsim.core.trees", "import logging", "no I/O"),
         ("fedjaxsim.core.trees", "print(1)", "calls print"),
         ("fedjaxsim.core.trees", "jax.config.update('jax_enable_x64', True)", "changes jax.config"),
-        ("fedjaxsim.algorithms.fed_avg", "from fedjaxsim.core.packing import pack_cohort", "never pack"),
-        ("fedjaxsim.algorithms.fed_avg", "from ..core.packing import pack_fine_tune_then_test", "never pack"),
+        (
+            "fedjaxsim.algorithms.fed_avg",
+            "from fedjaxsim.core.packing import pack_cohort",
+            "never pack",
+        ),
+        (
+            "fedjaxsim.algorithms.fed_avg",
+            "from ..core.packing import pack_fine_tune_then_test",
+            "never pack",
+        ),
         ("fedjaxsim.algorithms.fed_avg", "from fedjaxsim.core import packing", "never pack"),
-        ("fedjaxsim.algorithms.fed_avg", "from fedjaxsim.runner.config import load_config", "never load data"),
+        (
+            "fedjaxsim.algorithms.fed_avg",
+            "from fedjaxsim.runner.config import load_config",
+            "never load data",
+        ),
         ("fedjaxsim.algorithms.fed_avg", "from fedjaxsim.data import digits", "never load data"),
         ("fedjaxsim.algorithms.fed_avg", "import orbax.checkpoint", "no I/O"),
         ("fedjaxsim.algorithms.fed_avg", "x = jax.device_get(y)", "calls device_get"),
-        ("fedjaxsim.models.conv", "from fedjaxsim.core.engine.plan import ExecutionPlan", "never read the engine"),
+        (
+            "fedjaxsim.models.conv",
+            "from fedjaxsim.core.engine.plan import ExecutionPlan",
+            "never read the engine",
+        ),
         ("fedjaxsim.models.conv", "from fedjaxsim.core import engine", "never read the engine"),
         ("fedjaxsim.models.zoo", "from fedjaxsim.runner import platform", "never read the engine"),
-        ("fedjaxsim.robust.aggregators", "from fedjaxsim.privacy._noise import add_noise", "private parts"),
+        (
+            "fedjaxsim.robust.aggregators",
+            "from fedjaxsim.privacy._noise import add_noise",
+            "private parts",
+        ),
         ("fedjaxsim.robust.aggregators", "from fedjaxsim.privacy import _noise", "private parts"),
-        ("fedjaxsim.compression.sparsification", "from fedjaxsim.robust.aggregators import _rows", "private parts"),
+        (
+            "fedjaxsim.compression.sparsification",
+            "from fedjaxsim.robust.aggregators import _rows",
+            "private parts",
+        ),
         ("fedjaxsim.privacy", "from ..compression._bits import pack", "private parts"),
-        ("fedjaxsim.data.digits", "from fedjaxsim.core.engine import build_round", "data never imports"),
+        (
+            "fedjaxsim.data.digits",
+            "from fedjaxsim.core.engine import build_round",
+            "data never imports",
+        ),
         ("fedjaxsim.data.digits", "from fedjaxsim.algorithms import fed_avg", "data never imports"),
     ],
 )
@@ -243,14 +332,26 @@ def test_the_checker_reports_each_broken_rule(module, source, expected):
 @pytest.mark.parametrize(
     "module, source",
     [
-        ("fedjaxsim.core.engine.round", "from fedjaxsim.core.trees import tree_add\nfrom . import chunks"),
+        (
+            "fedjaxsim.core.engine.round",
+            "from fedjaxsim.core.trees import tree_add\nfrom . import chunks",
+        ),
         ("fedjaxsim.core.losses", "import jax, optax, numpy"),
         ("fedjaxsim.algorithms.personalization", "from fedjaxsim.core.packing import TEST_FLAG"),
-        ("fedjaxsim.algorithms.scaffold", "from fedjaxsim.algorithms.fed_avg import fed_avg\nfrom fedjaxsim.core.engine import build_round"),
+        (
+            "fedjaxsim.algorithms.scaffold",
+            "from fedjaxsim.algorithms.fed_avg import fed_avg\nfrom fedjaxsim.core.engine import build_round",
+        ),
         ("fedjaxsim.models.zoo", "from fedjaxsim.core.losses import classification_loss"),
-        ("fedjaxsim.robust.attacks", "from fedjaxsim.privacy.dp_fed_avg import dp_fed_avg_aggregator"),
+        (
+            "fedjaxsim.robust.attacks",
+            "from fedjaxsim.privacy.dp_fed_avg import dp_fed_avg_aggregator",
+        ),
         ("fedjaxsim.privacy.dp_fed_avg", "from fedjaxsim.privacy._internal import helper"),
-        ("fedjaxsim.runner.experiment", "import fedjaxsim\nfrom fedjaxsim.data import digits\nprint(1)"),
+        (
+            "fedjaxsim.runner.experiment",
+            "import fedjaxsim\nfrom fedjaxsim.data import digits\nprint(1)",
+        ),
         ("fedjaxsim.data.emnist", "import h5py\nfrom fedjaxsim.core.packing import pack_cohort"),
     ],
 )

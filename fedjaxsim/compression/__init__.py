@@ -5,8 +5,8 @@
 * :mod:`fedjaxsim.compression.hadamard`: the randomized Walsh-Hadamard
   rotation applied before quantization.
 * :mod:`fedjaxsim.compression.aggregators`: :func:`quantized_mean`, an
-  aggregator that quantizes each client's update inside the round and reports
-  bits per client.
+  aggregator that quantizes each client's whole message (update and side
+  channel) inside the round and reports bits per client.
 * :mod:`fedjaxsim.compression.sparsification`: top-k sparsification with
   error feedback (Stich et al. 2018; Karimireddy et al. 2019), the residual
   kept per client as client state.

@@ -153,7 +153,7 @@ def client_contribution(
 
 
 def aggregate_clients(
-    aggregator: Aggregator, payloads: ClientPayload, weights, state, rng
+    aggregator: Aggregator, payloads: ClientPayload, weights, state, rng, client_ids=None
 ) -> tuple[Aggregate, PyTree, dict]:
     """The aggregator in one call over stacked per-client payloads.
 
@@ -162,11 +162,17 @@ def aggregate_clients(
     engine streams the same functions instead; this form is for users and
     tests that hold every client's message.
 
+    Args:
+      client_ids: int[num_clients]; client ``i`` draws from
+        ``fold_in(rng, client_ids[i])`` (stable when the clients are
+        reordered). Default: their positions.
+
     Returns:
       ``(aggregate, new_state, metrics)``, metrics with ``num_nonfinite_updates``.
     """
     num_clients = jnp.shape(weights)[0]
-    rngs = jax.vmap(jax.random.fold_in, in_axes=(None, 0))(rng, jnp.arange(num_clients))
+    client_ids = jnp.arange(num_clients) if client_ids is None else jnp.asarray(client_ids)
+    rngs = jax.vmap(jax.random.fold_in, in_axes=(None, 0))(rng, client_ids)
     shares = jax.vmap(
         lambda payload, weight, key: client_contribution(aggregator, payload, weight, state, key)
     )(payloads, weights, rngs)

@@ -237,7 +237,8 @@ def pack_cohort(
       num_lanes: ``None`` puts one client in each lane (``data[num_clients,
         num_steps, ...]``); an int packs the clients into that many lanes, one
         after another (see :func:`assign_lanes`), which removes most padding
-        steps. Execution plans pick it (``ExecutionPlan.num_lanes``).
+        steps. Lanes are a packing decision; :func:`default_num_lanes` is
+        the measured default per backend.
       pad_lanes_to_multiple: append empty lanes until the lane count is a
         multiple of this (e.g. the device count).
       num_steps: force this step count instead of the bucketed maximum.

@@ -41,8 +41,10 @@ def get_model(
         ``"auto"`` (:func:`default_lowering`). Every lowering computes the
         same function of the same parameters; only speed differs.
       backend: the backend the model will run on (default: JAX's default
-        backend). On CPU the dense and patch layers take their weight
-        gradients from plain dots (``models/dense.py``).
+        backend). On CPU with the patches lowering, the dense and patch
+        layers take their weight gradients from plain dots
+        (``models/dense.py``); the lax lowering is plain XLA throughout, the
+        baseline the benchmarks compare against.
     """
     if lowering == "auto":
         lowering = default_lowering(backend)

@@ -187,7 +187,7 @@ def dp_fed_avg_aggregator(
 
     Args:
       clip_norm: the L2 clip norm ``C > 0`` (the initial one with adaptive
-        clipping); ``inf`` disables clipping (and privacy).
+        clipping); ``inf`` disables clipping (and privacy; only without noise).
       noise_multiplier: ``z >= 0``; the noise on the sum has standard
         deviation ``z * C``.
       expected_cohort_size: ``m > 0``, the expected number of clients per
@@ -209,20 +209,29 @@ def dp_fed_avg_aggregator(
       An :class:`~fedjaxsim.core.aggregators.Aggregator` whose state is
       :class:`DpAggregatorState`. Server metrics: ``dp_clip_norm`` (the C
       used), ``dp_noise_stddev_on_sum``, ``dp_noise_stddev_on_mean``,
-      ``dp_num_clients``, ``dp_num_clipped``, ``dp_clipped_fraction``, plus ``dp_unclipped_fraction_estimate`` and
-      ``dp_next_clip_norm`` with adaptive clipping, ``dp_noise_cohort_size``
-      and ``dp_simulated_cohort_size`` with ``noise_cohort_size``, and
+      ``dp_num_clients``, ``dp_num_clipped``, ``dp_clipped_fraction``; plus
+      ``dp_unclipped_fraction_estimate`` and ``dp_next_clip_norm`` with
+      adaptive clipping, ``dp_noise_cohort_size`` and
+      ``dp_simulated_cohort_size`` with ``noise_cohort_size``, and
       ``dp_epsilon``/``dp_delta`` with a schedule.
 
     Raises:
-      ValueError: naming the parameter, for a non-positive ``clip_norm``, a
-        negative ``noise_multiplier``, a non-positive cohort size or weight,
-        a ``noise_cohort_size`` below ``expected_cohort_size``, adaptive
-        clipping hyper-parameters out of range or a clipped-count noise too
-        small for the noise multiplier.
+      ValueError: naming the parameter, for a non-positive ``clip_norm`` (or
+        an infinite one with noise), a negative ``noise_multiplier``, a
+        non-positive cohort size or weight, a ``noise_cohort_size`` below
+        ``expected_cohort_size``, adaptive clipping hyper-parameters out of
+        range or a clipped-count noise too small for the noise multiplier.
     """
     clip_norm = check_real("clip_norm", clip_norm, minimum=0.0, strict_minimum=True, allow_inf=True)
     noise_multiplier = check_real("noise_multiplier", noise_multiplier, minimum=0.0)
+    if noise_multiplier > 0 and math.isinf(clip_norm):
+        # The noise is z * C: infinite, and every aggregate would be NaN.
+        raise InvalidArgument(
+            "clip_norm",
+            f"clip_norm must be finite when noise_multiplier > 0 (the noise stddev is "
+            f"noise_multiplier * clip_norm), got clip_norm={clip_norm!r}, "
+            f"noise_multiplier={noise_multiplier!r}",
+        )
     expected_cohort_size = check_real(
         "expected_cohort_size", expected_cohort_size, minimum=0.0, strict_minimum=True
     )

@@ -42,12 +42,13 @@ algorithm's message, not only FedAvg's.
 Where each step runs: clipping and stochastic quantization are per client,
 in ``client_transform`` under the engine's vmap. Masking needs the cohort's
 roster (who is in ``U1``), which the aggregator contract does not give a
-client, so the aggregator uses the ``"stack"`` reduction and masks every
-client's row in ``finalize``, still one vmapped per-client function of that
-client's own row, its position and the roster, as a real client would. The
-server then only adds rows and unmasks. With the client axis sharded, the
-rows stay on their devices and the modular sum is an all-reduce of uint32
-(exact, since ``2^b`` divides ``2^32``).
+client, so the contributions are stacked (``Contribution.stacked``, every
+client's quantized row in cohort order) and ``finalize`` masks every row,
+still one vmapped per-client function of that client's own row, its
+position and the roster, as a real client would. The server then only adds
+rows modulo ``2^b`` and unmasks. The rows are integers, so on a device mesh
+the engine gathers them exactly and the result does not depend on the
+number of devices.
 
 The aggregate is the *uniform* mean of the survivors' quantized clipped
 updates (the server knows ``|U2|``); client weights only mark who takes part.

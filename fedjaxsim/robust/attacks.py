@@ -88,8 +88,9 @@ def model_replacement(boost: float, target_params: PyTree | None = None) -> Atta
       target_params: optional model the attacker wants; without it the
         attacker boosts its own trained update (combine with
         :func:`label_flip` or a backdoored dataset for a poisoned model).
-        Update leaves must then match ``target_params``' leaves (the
-        ``fed_avg`` family, whose update is a params-shaped delta).
+        Every algorithm's update is a params-shaped delta ``server - local``;
+        the server params are the broadcast itself (the ``fed_avg`` family)
+        or its ``params`` field (SCAFFOLD, Mime-Lite).
 
     Raises:
       ValueError: naming ``boost`` for a non-positive value.
@@ -99,8 +100,9 @@ def model_replacement(boost: float, target_params: PyTree | None = None) -> Atta
     def transform_update(update, broadcast):
         if target_params is None:
             return jax.tree.map(lambda leaf: (boost * leaf).astype(leaf.dtype), update)
+        server_params = getattr(broadcast, "params", broadcast)
         return jax.tree.map(
-            lambda b, t, u: (boost * (b - t)).astype(u.dtype), broadcast, target_params, update
+            lambda b, t, u: (boost * (b - t)).astype(u.dtype), server_params, target_params, update
         )
 
     return Attack(transform_update=transform_update)

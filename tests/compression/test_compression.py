@@ -1,6 +1,7 @@
 """Compression: unbiased quantization, an orthogonal rotation, exact error feedback."""
 
 import math
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -9,10 +10,8 @@ import pytest
 from scipy.linalg import hadamard
 
 from fedjaxsim.compression import (
-    ErrorFeedbackClientState,
     dequantize,
     fast_walsh_hadamard,
-    initial_error_feedback_state,
     padded_size,
     quantize_roundtrip,
     quantized_mean,
@@ -22,9 +21,12 @@ from fedjaxsim.compression import (
     unrotate,
     with_error_feedback,
 )
+from fedjaxsim.core.aggregators import ClientPayload, aggregate_clients
 from fedjaxsim.core.algorithm import Algorithm, ClientOutput
 from fedjaxsim.core.engine import ExecutionPlan, build_round
 from fedjaxsim.core.packing import PackingConfig, pack_cohort
+from fedjaxsim.core.validation import InvalidArgument
+from fedjaxsim.testing import client_store, run_rounds
 from tests.privacy import harness
 
 DRAWS = 4000
@@ -77,8 +79,17 @@ def test_rotation_is_orthogonal_and_inverted_exactly():
         fast_walsh_hadamard(jnp.zeros(12))
 
 
+class VectorState(NamedTuple):
+    params: jax.Array  # float32[dimension]
+    aggregator_state: tuple  # the weighted mean's (empty) state
+
+
 def _data_vector_algorithm(dimension):
-    """A toy algorithm whose update is exactly the client's single example ``x``."""
+    """A toy algorithm whose update is exactly the client's single example ``x``.
+
+    It also sends a side channel: ``means={"head": x[0]}``, ``sums={"pair": x[:2]}``;
+    the server subtracts the aggregate update and reports the side channel.
+    """
 
     def client_step(local, batch, mask, rng):
         del rng
@@ -88,48 +99,55 @@ def _data_vector_algorithm(dimension):
             "num_examples": jnp.sum(mask, dtype=jnp.float32),
         }
 
-    def server_update(state, reduced, rng):
+    def client_finalize(broadcast, local):
+        del broadcast
+        return ClientOutput(update=local, means={"head": local[0]}, sums={"pair": local[:2]})
+
+    def server_update(state, aggregate, rng):
         del rng
-        return state - reduced["weighted_update"] / reduced["weight"], {}
+        metrics = {"head": aggregate.means["head"], "pair": aggregate.sums["pair"]}
+        return state._replace(params=state.params - aggregate.update), metrics
 
     return Algorithm(
-        init=lambda params: params,
-        broadcast=lambda state: state,
+        init=lambda params: VectorState(params, ()),
+        broadcast=lambda state: state.params,
         client_init=lambda broadcast, client_state, rng: jnp.zeros((dimension,), jnp.float32),
         client_step=client_step,
-        client_finalize=lambda broadcast, local: ClientOutput(update=local),
-        client_contribution=lambda state, output, weight, rng: {
-            "weighted_update": weight * output.update,
-            "weight": weight,
-        },
+        client_finalize=client_finalize,
         server_update=server_update,
     )
 
 
 def test_error_feedback_carries_the_residual_exactly_into_the_next_round():
+    """Float32 NumPy reference with a host dict of residuals; the library keeps
+    them in a ClientStateStore across three rounds. Only the update is
+    compressed: the side channel arrives as sent and costs 32 bits a value."""
     dimension, k, num_total = 12, 3, 6
     algorithm = with_error_feedback(_data_vector_algorithm(dimension), top_k_compressor(k=k))
-    round_fn = build_round(algorithm, ExecutionPlan())
     rng = np.random.default_rng(4)
-    residuals = {i: np.zeros(dimension, np.float32) for i in range(num_total)}  # the host store
-    server = jnp.zeros((dimension,), jnp.float32)
-    for round_index, ids in enumerate([[0, 2, 5], [2, 3, 5], [0, 2, 4]]):
-        updates = rng.normal(size=(len(ids), dimension)).astype(np.float32)
-        clients = [{"x": updates[i : i + 1]} for i in range(len(ids))]
-        cohort = pack_cohort(
-            clients,
+    cohort_ids = [[0, 2, 5], [2, 3, 5], [0, 2, 4]]
+    updates = [rng.normal(size=(len(ids), dimension)).astype(np.float32) for ids in cohort_ids]
+    cohorts = [
+        pack_cohort(
+            [{"x": rows[i : i + 1]} for i in range(len(ids))],
             ids,
             PackingConfig(batch_size=1, weighting="uniform"),
             seed=0,
             round_index=round_index,
             num_total_clients=num_total,
         )
-        client_states = ErrorFeedbackClientState((), np.stack([residuals[i] for i in ids]))
-        server, out = round_fn(server, cohort, jax.random.key(round_index), client_states)
+        for round_index, (ids, rows) in enumerate(zip(cohort_ids, updates))
+    ]
+    server, outputs, store = run_rounds(
+        algorithm, jnp.zeros((dimension,), jnp.float32), cohorts, num_total_clients=num_total
+    )
 
+    residuals = {i: np.zeros(dimension, np.float32) for i in range(num_total)}  # the reference
+    expected_server = np.zeros(dimension, np.float64)
+    for ids, rows, out in zip(cohort_ids, updates, outputs):
         sent = []
         for row, client_id in enumerate(ids):
-            corrected = updates[row] + residuals[client_id]  # float32, as in the round
+            corrected = rows[row] + residuals[client_id]  # float32, as in the round
             keep = np.argsort(-np.abs(corrected), kind="stable")[:k]
             compressed = np.zeros_like(corrected)
             compressed[keep] = corrected[keep]
@@ -137,16 +155,22 @@ def test_error_feedback_carries_the_residual_exactly_into_the_next_round():
             np.testing.assert_array_equal(new_residual, corrected - compressed)
             # Nothing is lost: what was sent plus what is kept is the corrected update.
             np.testing.assert_array_equal(compressed + new_residual, corrected)
-            residuals[client_id] = new_residual
+            residuals[client_id] = corrected - compressed
             sent.append(compressed)
-        expected_bits = k * (32 + math.ceil(math.log2(dimension)))
+        side_bits = 32 * 3  # head and pair, uncompressed
+        expected_bits = k * (32 + math.ceil(math.log2(dimension))) + side_bits
         np.testing.assert_array_equal(out.client_metrics["bits_sent"], expected_bits)
-        np.testing.assert_array_equal(out.client_metrics["uncompressed_bits"], 32 * dimension)
-        if round_index == 0:
-            expected_server = -np.mean(sent, axis=0)
-        else:
-            expected_server = expected_server - np.mean(sent, axis=0)
-        np.testing.assert_allclose(np.asarray(server), expected_server, atol=1e-6)
+        np.testing.assert_array_equal(
+            out.client_metrics["uncompressed_bits"], 32 * dimension + side_bits
+        )
+        # The side channel of the uncompressed updates: a mean and a sum.
+        np.testing.assert_allclose(float(out.server_metrics["head"]), rows[:, 0].mean(), rtol=1e-6)
+        np.testing.assert_allclose(out.server_metrics["pair"], rows[:, :2].sum(axis=0), rtol=1e-6)
+        expected_server -= np.mean(sent, axis=0)
+    np.testing.assert_allclose(np.asarray(server.params), expected_server, atol=1e-6)
+    stored = store.gather(np.arange(num_total)).residual
+    for client_id in range(num_total):
+        np.testing.assert_array_equal(stored[client_id], residuals[client_id])
 
 
 def test_fed_avg_with_error_feedback_and_quantized_mean_run_in_the_engine(
@@ -161,10 +185,9 @@ def test_fed_avg_with_error_feedback_and_quantized_mean_run_in_the_engine(
         harness.fed_avg_with(logreg_loss, harness.stacked_updates_aggregator()),
         top_k_compressor(fraction=0.25),
     )
-    initial = initial_error_feedback_state(logreg_params)
-    client_states = jax.tree.map(lambda leaf: np.stack([leaf] * len(harness.CLIENT_IDS)), initial)
+    store = client_store(algorithm, logreg_params, harness.NUM_TOTAL_CLIENTS)
     _, out = build_round(algorithm, ExecutionPlan())(
-        algorithm.init(logreg_params), cohort, jax.random.key(0), client_states
+        algorithm.init(logreg_params), cohort, jax.random.key(0), store.gather(cohort.client_id)
     )
     sent = harness.flat_rows(out.server_metrics["updates"])
     kept = harness.flat_rows(out.client_states.residual)
@@ -185,15 +208,55 @@ def test_fed_avg_with_error_feedback_and_quantized_mean_run_in_the_engine(
     )
 
 
+@pytest.mark.parametrize("rotation", [False, True])
+def test_quantized_mean_encodes_the_joint_message(rotation):
+    """Update, means and sums are one quantized vector: one range, one bit
+    count. Without rotation each decoded value is within one level of the
+    client's own range; update and means are then weighted means, sums plain
+    sums over the clients that count."""
+    num_clients, num_bits = 6, 10
+    payloads = harness.side_channel_payloads(num_clients, seed=8)
+    weights = np.array([1.0, 0.0, 2.0, 0.5, 3.0, 1.0], np.float32)  # client 1: padding
+    aggregator = quantized_mean(num_bits, rotation=rotation)
+    aggregate, _, metrics = jax.jit(aggregate_clients, static_argnums=0)(
+        aggregator, payloads, weights, aggregator.init(None), jax.random.key(2)
+    )
+    rows = harness.flat_rows(payloads)
+    size = rows.shape[1]
+    sent_size = padded_size(size) if rotation else size
+    assert float(metrics["compression_bits_per_client"]) == num_bits * sent_size + 64
+    assert float(metrics["compression_uncompressed_bits_per_client"]) == 32 * size
+    np.testing.assert_allclose(float(metrics["total_weight"]), weights.sum(), rtol=1e-6)
+    if rotation:
+        return  # rounding errors are spread by the inverse rotation; unbiasedness is tested above
+    present = weights > 0
+    levels = (rows.max(axis=1) - rows.min(axis=1)) / (2**num_bits - 1)  # per client
+    parts = np.cumsum([sum(leaf[0].size for leaf in jax.tree.leaves(part)) for part in payloads])
+    got = harness.flat(ClientPayload(aggregate.update, aggregate.means, aggregate.sums))
+    w = weights.astype(np.float64)
+    weighted = (w[:, None] * rows).sum(axis=0) / w.sum()
+    mean_bound = (w * levels).sum() / w.sum() * (1 + 1e-5)
+    assert np.all(np.abs(got[: parts[1]] - weighted[: parts[1]]) <= mean_bound)
+    sums = rows[present].sum(axis=0)
+    sum_bound = levels[present].sum() * (1 + 1e-5)
+    assert np.all(np.abs(got[parts[1] :] - sums[parts[1] :]) <= sum_bound)
+
+
 def test_error_feedback_needs_its_client_states(logreg_loss, logreg_params):
     algorithm = with_error_feedback(
         harness.fed_avg_with(logreg_loss, harness.stacked_updates_aggregator()),
         top_k_compressor(k=2),
     )
-    with pytest.raises(ValueError, match="initial_error_feedback_state"):
-        build_round(algorithm, ExecutionPlan())(
-            algorithm.init(logreg_params), harness.cohort(), jax.random.key(0)
+    round_fn = build_round(algorithm, ExecutionPlan())
+    state, cohort = algorithm.init(logreg_params), harness.cohort()
+    with pytest.raises(ValueError, match="initial_client_state"):  # none: the engine says so
+        round_fn(state, cohort, jax.random.key(0))
+    with pytest.raises(ValueError, match="initial_error_feedback_state"):  # residuals alone
+        residuals = jax.tree.map(
+            lambda leaf: np.zeros((len(harness.CLIENT_IDS), *leaf.shape), np.float32),
+            logreg_params,
         )
+        round_fn(state, cohort, jax.random.key(0), residuals)
 
 
 @pytest.mark.parametrize(
@@ -206,9 +269,10 @@ def test_error_feedback_needs_its_client_states(logreg_loss, logreg_params):
         (lambda: top_k_compressor(k=0), "k"),
         (lambda: top_k_compressor(fraction=0.0), "fraction"),
         (lambda: top_k_compressor(fraction=1.5), "fraction"),
-        (lambda: top_k_compressor(), "exactly one"),
+        (lambda: top_k_compressor(), "k"),  # "give exactly one of k and fraction"
     ],
 )
 def test_bad_compression_arguments_name_the_parameter(build, parameter):
-    with pytest.raises(ValueError, match=parameter):
+    with pytest.raises(InvalidArgument, match=parameter) as raised:
         build()
+    assert raised.value.name.rsplit(".", 1)[-1] == parameter  # what the runner maps to a key

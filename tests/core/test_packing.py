@@ -40,7 +40,9 @@ def test_every_example_once_per_epoch_in_reference_order(num_lanes):
             np.testing.assert_array_equal(x, client["x"][expected])
             np.testing.assert_array_equal(y, client["y"][expected])
             # Each epoch is a permutation: every example exactly twice.
-            assert sorted(np.bincount(expected, minlength=len(client["y"]))) == [2] * len(client["y"])
+            assert sorted(np.bincount(expected, minlength=len(client["y"]))) == [2] * len(
+                client["y"]
+            )
 
 
 def test_padding_is_zero_and_masked_and_steps_bucketed():
@@ -104,7 +106,11 @@ def test_assign_lanes_balances_and_keeps_every_client():
     [
         ([], [], "empty cohort"),
         ([{"x": np.zeros((0, 2), np.float32), "y": np.zeros(0, np.int32)}], [0], "no examples"),
-        ([{"x": np.zeros((3, 2), np.float32), "y": np.zeros(2, np.int32)}], [0], "different lengths"),
+        (
+            [{"x": np.zeros((3, 2), np.float32), "y": np.zeros(2, np.int32)}],
+            [0],
+            "different lengths",
+        ),
         ([{"x": np.array([["a", "b"]]), "y": np.zeros(1, np.int32)}], [0], "dtype"),
         ([{"x": np.array([[np.nan, 1.0]], np.float32), "y": np.zeros(1, np.int32)}], [0], "NaN"),
         (synthetic_clients([2]), [100], r"\[0, 100\)"),
@@ -169,8 +175,15 @@ def test_fine_tune_then_test_layout():
     ids = [8, 2, 5]
     k, batch_size, eval_batch_size = 4, 3, 2
     cohort = pack_fine_tune_then_test(
-        train, test, ids, num_finetune_steps=k, batch_size=batch_size,
-        eval_batch_size=eval_batch_size, seed=6, round_index=1, num_total_clients=9,
+        train,
+        test,
+        ids,
+        num_finetune_steps=k,
+        batch_size=batch_size,
+        eval_batch_size=eval_batch_size,
+        seed=6,
+        round_index=1,
+        num_total_clients=9,
     )
     num_test_steps = 4  # ceil(7 / 2): the largest test client
     assert cohort.mask.shape == (3, k + num_test_steps, batch_size)  # widest batch
@@ -182,7 +195,9 @@ def test_fine_tune_then_test_layout():
         batches = epoch_batches(len(train_client["y"]), batch_size, k, 6, 1, client_id, max_steps=k)
         for step, batch in enumerate(batches):
             mask = cohort.mask[lane, step]
-            np.testing.assert_array_equal(cohort.data["x"][lane, step][mask], train_client["x"][batch])
+            np.testing.assert_array_equal(
+                cohort.data["x"][lane, step][mask], train_client["x"][batch]
+            )
             assert not cohort.data[TEST_FLAG][lane, step].any()
         test_mask = cohort.mask[lane, k:]
         np.testing.assert_array_equal(test_mask[:, eval_batch_size:], False)
@@ -191,7 +206,12 @@ def test_fine_tune_then_test_layout():
         assert cohort.data[TEST_FLAG][lane, k:][test_mask].all()
     # Without fine-tuning, only the test phase.
     evaluate_only = pack_fine_tune_then_test(
-        train, test, ids, num_finetune_steps=0, batch_size=batch_size, eval_batch_size=eval_batch_size
+        train,
+        test,
+        ids,
+        num_finetune_steps=0,
+        batch_size=batch_size,
+        eval_batch_size=eval_batch_size,
     )
     assert evaluate_only.mask.shape == (3, num_test_steps, eval_batch_size)
     with pytest.raises(ValueError, match="num_finetune_steps"):

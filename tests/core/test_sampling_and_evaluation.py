@@ -27,7 +27,11 @@ def test_fedavg_reaches_the_closed_form_least_squares_optimum():
     algorithm = fed_avg(squared_error_loss(model), optax.sgd(LEARNING_RATE))
     clients = [{"x": x, "y": y} for x, y in problem.clients]
     cohort = pack_cohort(
-        clients, range(6), PackingConfig(batch_size=64, shuffle=False), seed=0, round_index=0,
+        clients,
+        range(6),
+        PackingConfig(batch_size=64, shuffle=False),
+        seed=0,
+        round_index=0,
         num_total_clients=6,
     )
     assert cohort.num_steps == 1  # one full-batch step per client
@@ -89,11 +93,15 @@ def test_evaluation_matches_numpy_and_ignores_padding(logreg_model, logreg_param
     evaluate = build_classification_eval(logreg_model.apply)
     sums = jax.device_get(evaluate(logreg_params, batches))
     dense = logreg_params["Dense_0"]
-    logits = x.astype(np.float64) @ np.asarray(dense["kernel"], np.float64) + np.asarray(dense["bias"])
+    logits = x.astype(np.float64) @ np.asarray(dense["kernel"], np.float64) + np.asarray(
+        dense["bias"]
+    )
     shifted = logits - logits.max(1, keepdims=True)
     log_probabilities = shifted - np.log(np.exp(shifted).sum(1, keepdims=True))
     assert sums["num_examples"] == 37
-    np.testing.assert_allclose(sums["loss_sum"], -log_probabilities[np.arange(37), y].sum(), rtol=1e-5)
+    np.testing.assert_allclose(
+        sums["loss_sum"], -log_probabilities[np.arange(37), y].sum(), rtol=1e-5
+    )
     assert sums["num_correct"] == (logits.argmax(1) == y).sum()
 
 
@@ -115,7 +123,9 @@ def test_client_distribution_by_hand():
     assert summary == pytest.approx(
         {"mean": 10.5, "p10": 2.9, "p50": 10.5, "p90": 18.1, "worst10_mean": 1.5}
     )
-    assert client_distribution(values, higher_is_better=False)["worst10_mean"] == pytest.approx(19.5)
+    assert client_distribution(values, higher_is_better=False)["worst10_mean"] == pytest.approx(
+        19.5
+    )
     # ceil(0.1 * n): at least one client, and 2 of 11.
     assert client_distribution([4.0])["worst10_mean"] == 4.0
     assert client_distribution(np.arange(11.0))["worst10_mean"] == pytest.approx(0.5)

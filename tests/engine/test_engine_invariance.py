@@ -17,15 +17,18 @@ import pytest
 
 from fedjaxsim import scaffold
 from fedjaxsim.algorithms.fed_avg import fed_adam, fed_avg
+from fedjaxsim.core.aggregators import Aggregator, Contribution, weighted_mean
+from fedjaxsim.core.algorithm import with_aggregator
 from fedjaxsim.core.client_batch import Cohort
 from fedjaxsim.core.engine import ExecutionPlan, build_round, lanes_by_steps
 from fedjaxsim.core.packing import PackingConfig, pack_cohort
 from fedjaxsim.models import classification_loss, from_linen
-from fedjaxsim.testing import run_round, run_rounds, synthetic_clients
+from fedjaxsim.testing import run_rounds, synthetic_clients
 
 SIZES = [3, 17, 1, 8, 12]
 IDS = [4, 9, 0, 21, 13]
 NUM_TOTAL_CLIENTS = 30
+DEFAULT_PLAN = ExecutionPlan()
 
 ALGORITHMS = {
     "fedavg_client_adam": lambda loss: fed_avg(loss, optax.adam(0.01), optax.sgd(1.0)),
@@ -37,12 +40,18 @@ def _pack(clients=None, ids=IDS, num_lanes=None, num_steps=None, round_index=0, 
     clients = synthetic_clients(SIZES, seed=11) if clients is None else clients
     config = PackingConfig(**{"batch_size": 4, "num_epochs": 2, **config})
     return pack_cohort(
-        clients, ids, config, seed=1, round_index=round_index, num_total_clients=NUM_TOTAL_CLIENTS,
-        num_lanes=num_lanes, num_steps=num_steps,
+        clients,
+        ids,
+        config,
+        seed=1,
+        round_index=round_index,
+        num_total_clients=NUM_TOTAL_CLIENTS,
+        num_lanes=num_lanes,
+        num_steps=num_steps,
     )
 
 
-def _round_fn(algorithm, plan=ExecutionPlan()):
+def _round_fn(algorithm, plan=DEFAULT_PLAN):
     # repr in the key: ExecutionPlan(scan_unroll=True) == ExecutionPlan(scan_unroll=1).
     return _cached_round_fn(algorithm, plan, repr(plan))
 
@@ -53,11 +62,15 @@ def _cached_round_fn(algorithm, plan, plan_repr):
     return build_round(algorithm, plan)
 
 
-def _run(algorithm, params, cohort, plan=ExecutionPlan(), rounds=2, seed=0):
+def _run(algorithm, params, cohort, plan=DEFAULT_PLAN, rounds=2, seed=0):
     """``rounds`` rounds on ``cohort``: (final state, last RoundOutput)."""
     state, outputs, _ = run_rounds(
-        algorithm, params, [cohort] * rounds, num_total_clients=NUM_TOTAL_CLIENTS,
-        round_fn=_round_fn(algorithm, plan), seed=seed,
+        algorithm,
+        params,
+        [cohort] * rounds,
+        num_total_clients=NUM_TOTAL_CLIENTS,
+        round_fn=_round_fn(algorithm, plan),
+        seed=seed,
     )
     return state, outputs[-1]
 
@@ -101,7 +114,7 @@ def test_zero_weight_clients_change_nothing(algorithm, logreg_params):
     weight = np.array(extended.weight)
     weight[-1] = 0.0
     extended = extended._replace(weight=weight)
-    a, out_a = _run(algorithm, logreg_params, base)
+    a, _ = _run(algorithm, logreg_params, base)
     b, out_b = _run(algorithm, logreg_params, extended)
     _assert_trees(a, b, atol=1e-7)
     assert float(out_b.server_metrics["total_weight"]) == float(np.sum(base.weight))
@@ -111,7 +124,9 @@ def test_cohort_order_does_not_matter(algorithm, logreg_params):
     clients = synthetic_clients(SIZES, seed=11)
     order = [3, 0, 4, 2, 1]
     a, out_a = _run(algorithm, logreg_params, _pack(clients, IDS))
-    b, out_b = _run(algorithm, logreg_params, _pack([clients[i] for i in order], [IDS[i] for i in order]))
+    b, out_b = _run(
+        algorithm, logreg_params, _pack([clients[i] for i in order], [IDS[i] for i in order])
+    )
     _assert_trees(a, b, atol=1e-7)
     for name in ("loss_sum", "num_examples", "update_norm"):
         np.testing.assert_allclose(
@@ -180,7 +195,9 @@ def test_second_round_in_same_bucket_does_not_retrace(logreg_model, logreg_param
     after_first = len(traces)
     assert after_first > 0
     other_clients = synthetic_clients([5, 2, 7, 11, 16], seed=3)
-    state, _ = round_fn(state, _pack(other_clients, round_index=1, step_bucket=16), jax.random.key(1))
+    state, _ = round_fn(
+        state, _pack(other_clients, round_index=1, step_bucket=16), jax.random.key(1)
+    )
     assert len(traces) == after_first
 
 
@@ -224,7 +241,10 @@ def test_dropout_rng_is_per_client_and_step_and_plan_invariant():
     )
     assert difference > 1e-4
     # Every client's loss moves with the key: each draws its own masks.
-    assert np.all(np.asarray(out.client_metrics["loss_sum"]) != np.asarray(other_out.client_metrics["loss_sum"]))
+    assert np.all(
+        np.asarray(out.client_metrics["loss_sum"])
+        != np.asarray(other_out.client_metrics["loss_sum"])
+    )
 
 
 def test_malformed_cohort_is_rejected(algorithm, logreg_params):
@@ -262,7 +282,10 @@ def test_invalid_plan_raises_naming_the_field(kwargs, field):
 def test_plan_holds_only_what_the_engine_uses():
     """Lanes are a packing decision and lowerings a model decision."""
     assert {f.name for f in dataclasses.fields(ExecutionPlan)} == {
-        "clients_per_chunk", "chunk_loop", "scan_unroll", "sort_chunks"
+        "clients_per_chunk",
+        "chunk_loop",
+        "scan_unroll",
+        "sort_chunks",
     }
 
 
@@ -279,7 +302,9 @@ class _BareServerState(NamedTuple):
     round: jax.Array  # int32[]
 
 
-def test_a_server_state_without_aggregator_state_raises_naming_the_field(logreg_loss, logreg_params):
+def test_a_server_state_without_aggregator_state_raises_naming_the_field(
+    logreg_loss, logreg_params
+):
     base = fed_avg(logreg_loss, optax.sgd(0.1))
     server = optax.sgd(1.0)
     algorithm = base._replace(
@@ -305,7 +330,9 @@ def _counting_visits(algorithm):
         return algorithm.client_finalize(broadcast, inner)._replace(client_state=visits + 1)
 
     return algorithm._replace(
-        client_init=client_init, client_step=client_step, client_finalize=client_finalize,
+        client_init=client_init,
+        client_step=client_step,
+        client_finalize=client_finalize,
         initial_client_state=lambda params: jnp.zeros((), jnp.int32),
     )
 
@@ -327,7 +354,10 @@ def test_clients_that_do_not_count_keep_their_old_state(num_lanes, logreg_loss, 
 
     round_fn = _round_fn(algorithm)
     state, outputs, store = run_rounds(
-        algorithm, logreg_params, [poisoned, poisoned], num_total_clients=NUM_TOTAL_CLIENTS,
+        algorithm,
+        logreg_params,
+        [poisoned, poisoned],
+        num_total_clients=NUM_TOTAL_CLIENTS,
         round_fn=round_fn,
     )
     visits = dict(zip(IDS, store.gather(IDS).tolist()))
@@ -336,11 +366,95 @@ def test_clients_that_do_not_count_keep_their_old_state(num_lanes, logreg_loss, 
     assert all(np.isfinite(np.asarray(leaf)).all() for leaf in jax.tree.leaves(state))
     # The server saw only the three clients that count.
     counted = [2, 3, 4]
-    alone = _pack([synthetic_clients(SIZES, seed=11)[i] for i in counted], [IDS[i] for i in counted])
+    alone = _pack(
+        [synthetic_clients(SIZES, seed=11)[i] for i in counted], [IDS[i] for i in counted]
+    )
     expected, _, _ = run_rounds(
-        algorithm, logreg_params, [alone, alone], num_total_clients=NUM_TOTAL_CLIENTS, round_fn=round_fn
+        algorithm,
+        logreg_params,
+        [alone, alone],
+        num_total_clients=NUM_TOTAL_CLIENTS,
+        round_fn=round_fn,
     )
     _assert_trees(state.params, expected.params, atol=1e-6)
+
+
+def _rng_probe(algorithm):
+    """``algorithm`` that records uniform draws from client_init's key (client
+    metric ``init_draw``), from each local step's key (summed over real steps:
+    ``step_draw`` and ``step_draw_square``) and from the aggregator's
+    per-client key (server metric ``aggregator_draws``, in cohort order)."""
+    mean = weighted_mean()
+
+    def client_init(broadcast, client_state, rng):
+        return algorithm.client_init(broadcast, client_state, rng), jax.random.uniform(rng)
+
+    def client_step(local, batch, mask, rng):
+        inner, draw = local
+        inner, stats = algorithm.client_step(inner, batch, mask, rng)
+        step_draw = jax.random.uniform(rng)
+        return (inner, draw), dict(stats, step_draw=step_draw, step_draw_square=step_draw**2)
+
+    def client_finalize(broadcast, local):
+        inner, draw = local
+        output = algorithm.client_finalize(broadcast, inner)
+        return output._replace(metrics=dict(output.metrics, init_draw=draw))
+
+    def client_transform(payload, weight, state, rng):
+        summed = mean.client_transform(payload, weight, state, rng).summed
+        return Contribution(summed=summed, stacked=jax.random.uniform(rng))
+
+    def finalize(contributions, state, rng):
+        aggregate, state, metrics = mean.finalize(contributions, state, rng)
+        return aggregate, state, dict(metrics, aggregator_draws=contributions.stacked)
+
+    probe = algorithm._replace(
+        client_init=client_init, client_step=client_step, client_finalize=client_finalize
+    )
+    return with_aggregator(probe, Aggregator(mean.init, client_transform, finalize))
+
+
+@pytest.fixture(scope="module")
+def rng_probe_outputs(logreg_loss, logreg_params):
+    """One round of the probe on the cohort, and on the cohort reordered."""
+    algorithm = _rng_probe(fed_avg(logreg_loss, optax.sgd(0.1)))
+    clients = synthetic_clients(SIZES, seed=11)
+    order = [3, 0, 4, 2, 1]
+    reordered = _pack([clients[i] for i in order], [IDS[i] for i in order])
+    outputs = [
+        _run(algorithm, logreg_params, cohort, rounds=1)[1] for cohort in (_pack(), reordered)
+    ]
+    return outputs, order
+
+
+def test_aggregator_keys_are_per_client_id(rng_probe_outputs):
+    """A stochastic aggregator (quantization, secure aggregation) draws from
+    fold_in(round key, client id): distinct per client, stable under reordering."""
+    (output, reordered_output), order = rng_probe_outputs
+    draws = np.asarray(output.server_metrics["aggregator_draws"])
+    assert len(set(draws.tolist())) == len(IDS)
+    np.testing.assert_array_equal(
+        draws[order], np.asarray(reordered_output.server_metrics["aggregator_draws"])
+    )
+
+
+def test_each_local_step_draws_its_own_key(rng_probe_outputs):
+    """Step keys are fold_in(client key, local step): a client's draws vary
+    over its steps (zero variance would mean one key reused)."""
+    (output, _), _ = rng_probe_outputs
+    mask = np.asarray(_pack().mask)  # one client per lane, in cohort order
+    num_steps = mask.any(axis=2).sum(axis=1)
+    mean = np.asarray(output.client_metrics["step_draw"], np.float64) / num_steps
+    variance = np.asarray(output.client_metrics["step_draw_square"]) / num_steps - mean**2
+    assert np.all(variance[num_steps > 1] > 1e-4), variance
+    assert len(set(mean.tolist())) == len(IDS)
+
+
+def test_client_init_and_aggregator_draw_independent_keys(rng_probe_outputs):
+    (output, _), _ = rng_probe_outputs
+    init_draws = np.asarray(output.client_metrics["init_draw"])
+    aggregator_draws = np.asarray(output.server_metrics["aggregator_draws"])
+    assert not np.any(init_draws == aggregator_draws)
 
 
 def _with_interior_and_tail_padding(cohort, extra_weight):
@@ -360,7 +474,9 @@ def _with_interior_and_tail_padding(cohort, extra_weight):
 
     def tail(array, value):
         array = np.asarray(array)
-        return np.concatenate([array, np.full((1, 2, *array.shape[2:]), value, array.dtype)], axis=1)
+        return np.concatenate(
+            [array, np.full((1, 2, *array.shape[2:]), value, array.dtype)], axis=1
+        )
 
     return Cohort(
         data={name: tail(leaf, 0) for name, leaf in data.items()},
@@ -382,7 +498,9 @@ def test_lone_lane_with_interior_and_tail_padding_matches_the_scan_path(logreg_l
     extra_weight = 7.0
     modified = _with_interior_and_tail_padding(packed, extra_weight)
     lone, lone_out = _run(algorithm, logreg_params, modified, rounds=1)
-    scanned, scanned_out = _run(algorithm, logreg_params, modified, ExecutionPlan(scan_unroll=2), rounds=1)
+    scanned, scanned_out = _run(
+        algorithm, logreg_params, modified, ExecutionPlan(scan_unroll=2), rounds=1
+    )
     _assert_trees(lone, scanned, atol=1e-7)
     _assert_trees(lone_out.client_metrics, scanned_out.client_metrics, atol=1e-6)
     assert float(lone_out.client_metrics["num_examples"][-1]) == 0.0
@@ -392,11 +510,16 @@ def test_lone_lane_with_interior_and_tail_padding_matches_the_scan_path(logreg_l
     # changes nothing, so the step shrinks by W / (W + w) exactly.
     original, original_out = _run(algorithm, logreg_params, packed, rounds=1)
     np.testing.assert_array_equal(
-        np.asarray(original_out.client_metrics["loss_sum"]), np.asarray(lone_out.client_metrics["loss_sum"][:-1])
+        np.asarray(original_out.client_metrics["loss_sum"]),
+        np.asarray(lone_out.client_metrics["loss_sum"][:-1]),
     )
     total = float(np.sum(packed.weight))
     for start, before, after in zip(
-        jax.tree.leaves(logreg_params), jax.tree.leaves(original.params), jax.tree.leaves(lone.params)
+        jax.tree.leaves(logreg_params),
+        jax.tree.leaves(original.params),
+        jax.tree.leaves(lone.params),
     ):
-        expected = np.asarray(start) - (np.asarray(start) - np.asarray(before)) * total / (total + extra_weight)
+        expected = np.asarray(start) - (np.asarray(start) - np.asarray(before)) * total / (
+            total + extra_weight
+        )
         np.testing.assert_allclose(np.asarray(after), expected, atol=1e-6, rtol=1e-5)

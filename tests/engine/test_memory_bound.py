@@ -13,9 +13,19 @@ from fedjaxsim.testing import synthetic_clients
 def _temp_bytes(logreg_loss, logreg_params, num_clients, plan):
     algorithm = fed_avg(logreg_loss, optax.sgd(0.1))
     clients = synthetic_clients([6] * num_clients, seed=1)
-    cohort = pack_cohort(clients, range(num_clients), PackingConfig(batch_size=3), seed=0,
-                         round_index=0, num_total_clients=num_clients)
-    compiled = build_round(algorithm, plan).lower(algorithm.init(logreg_params), cohort, jax.random.key(0)).compile()
+    cohort = pack_cohort(
+        clients,
+        range(num_clients),
+        PackingConfig(batch_size=3),
+        seed=0,
+        round_index=0,
+        num_total_clients=num_clients,
+    )
+    compiled = (
+        build_round(algorithm, plan)
+        .lower(algorithm.init(logreg_params), cohort, jax.random.key(0))
+        .compile()
+    )
     return compiled.memory_analysis().temp_size_in_bytes
 
 

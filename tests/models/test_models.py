@@ -31,7 +31,10 @@ def test_emnist_cnn_has_the_published_parameter_count():
     assert count_params(shapes) == 1_206_590  # Reddi et al. 2020, Table 3
 
 
-@pytest.mark.parametrize("name, expected", [("dense", 784 * 200 + 200 + 200 * 200 + 200 + 200 * 62 + 62), ("logreg", 784 * 62 + 62)])
+@pytest.mark.parametrize(
+    "name, expected",
+    [("dense", 784 * 200 + 200 + 200 * 200 + 200 + 200 * 62 + 62), ("logreg", 784 * 62 + 62)],
+)
 def test_dense_and_logreg_parameter_counts(name, expected):
     shapes = jax.eval_shape(get_model(name, 62).init, jax.random.key(0), jnp.zeros((1, 28, 28, 1)))
     assert count_params(shapes) == expected
@@ -50,7 +53,9 @@ def test_patches_convolution_equals_lax_and_flax_conv():
     # And an explicit float64 loop for one output pixel.
     expected = sum(
         x[1, 2 + i, 3 + j, c].astype(np.float64) * kernel[i, j, c, 5]
-        for i in range(3) for j in range(3) for c in range(4)
+        for i in range(3)
+        for j in range(3)
+        for c in range(4)
     )
     np.testing.assert_allclose(via_patches[1, 2, 3, 5], expected, atol=1e-5)
 
@@ -61,7 +66,9 @@ def test_patches_convolution_equals_lax_and_flax_conv():
     ids=["either-transpose", "transposes-the-gradient", "transposes-the-inputs"],
 )
 @pytest.mark.parametrize("cpu_gradients", [True, False], ids=["cpu-form", "plain"])
-def test_dense_layer_matches_flax_dense_and_a_float64_gradient(in_features, out_features, cpu_gradients):
+def test_dense_layer_matches_flax_dense_and_a_float64_gradient(
+    in_features, out_features, cpu_gradients
+):
     """The CPU form (weight and bias gradients from one plain dot over a
     materialised transpose of whichever of x and g is cheaper) computes the
     same layer: same parameters as flax.linen.Dense, same outputs, and input,
@@ -106,8 +113,8 @@ def test_affine_without_bias_has_float64_gradients():
         w = rng.normal(size=(in_features, out_features)).astype(np.float32)
         g = rng.normal(size=(rows, out_features)).astype(np.float32)
         grad_x, grad_w = jax.grad(
-            lambda x, w: jnp.sum(affine(x, w, None, cpu_gradients=True) * g), argnums=(0, 1)
-        )(x, w)
+            lambda x, w, g: jnp.sum(affine(x, w, None, cpu_gradients=True) * g), argnums=(0, 1)
+        )(x, w, g)
         np.testing.assert_allclose(grad_w, x.astype(np.float64).T @ g, rtol=1e-5, atol=1e-5)
         np.testing.assert_allclose(grad_x, g.astype(np.float64) @ w.T, rtol=1e-5, atol=1e-5)
 
@@ -153,36 +160,40 @@ def test_cnn_lowerings_agree_with_flax_on_outputs_and_gradients():
     models = {  # get_model on CPU: patches with the CPU gradient form; lax without
         "get_model patches": get_model("cnn", 10, lowering="patches", backend="cpu"),
         "get_model lax": get_model("cnn", 10, lowering="lax", backend="cpu"),
-        "patches, plain gradients": from_linen(EmnistCnn(10, lowering="patches", cpu_gradients=False)),
+        "patches, plain gradients": from_linen(
+            EmnistCnn(10, lowering="patches", cpu_gradients=False)
+        ),
         "lax, cpu gradients": from_linen(EmnistCnn(10, lowering="lax", cpu_gradients=True)),
     }
     assert set(LOWERINGS) == {"patches", "lax"}
     for name, model in models.items():
-        assert jax.tree.structure(model.init(jax.random.key(0), x)) == jax.tree.structure(params), name
+        assert jax.tree.structure(model.init(jax.random.key(0), x)) == jax.tree.structure(params), (
+            name
+        )
         loss, grads = loss_and_grads(model)
         np.testing.assert_allclose(loss, expected_loss, rtol=1e-5, err_msg=name)
         for a, b in zip(jax.tree.leaves(grads), jax.tree.leaves(expected_grads)):
             np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-4, err_msg=name)
 
 
-def _uses_cpu_gradients(model, num_features=12):
+def _uses_cpu_gradients(model, inputs):
     """Whether the model's gradient has the CPU form's optimization barriers."""
-    x = jnp.zeros((2, 8, 8, 1)) if num_features is None else jnp.zeros((2, num_features))
-    params = jax.eval_shape(model.init, jax.random.key(0), x)
+    params = jax.eval_shape(model.init, jax.random.key(0), inputs)
     params = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), params)
-    jaxpr = jax.make_jaxpr(jax.grad(lambda p: jnp.sum(model.apply(p, x, None, False))))(params)
-    return "optimization_barrier" in str(jaxpr)
+    loss = lambda p: jnp.sum(model.apply(p, inputs, None, False))  # noqa: E731
+    return "optimization_barrier" in str(jax.make_jaxpr(jax.grad(loss))(params))
 
 
 def test_get_model_chooses_the_gradient_form_at_build_time():
     """No global: the backend given to get_model decides; patches on CPU take
     the CPU gradient form, every other combination the plain one."""
+    features, images = jnp.zeros((2, 12)), jnp.zeros((2, 8, 8, 1))
     assert default_lowering("cpu") == default_lowering("gpu") == "patches"
-    assert _uses_cpu_gradients(get_model("logreg", 5, backend="cpu"))
-    assert not _uses_cpu_gradients(get_model("logreg", 5, backend="gpu"))
-    assert _uses_cpu_gradients(get_model("cnn", 10, lowering="patches", backend="cpu"), None)
-    assert not _uses_cpu_gradients(get_model("cnn", 10, lowering="lax", backend="cpu"), None)
-    assert not _uses_cpu_gradients(get_model("cnn", 10, backend="gpu"), None)
+    assert _uses_cpu_gradients(get_model("logreg", 5, backend="cpu"), features)
+    assert not _uses_cpu_gradients(get_model("logreg", 5, backend="gpu"), features)
+    assert _uses_cpu_gradients(get_model("cnn", 10, lowering="patches", backend="cpu"), images)
+    assert not _uses_cpu_gradients(get_model("cnn", 10, lowering="lax", backend="cpu"), images)
+    assert not _uses_cpu_gradients(get_model("cnn", 10, backend="gpu"), images)
 
 
 def test_unknown_model_lowering_and_bad_classes():
@@ -212,14 +223,18 @@ def test_nnx_module_and_pure_functions_train_identically(logreg_params):
 
     pure_model = from_functions(lambda rng, x: None, apply)
     clients = synthetic_clients([5, 11], seed=9, num_features=num_features, num_classes=num_classes)
-    cohort = pack_cohort(clients, [0, 1], PackingConfig(batch_size=4), seed=0, round_index=0, num_total_clients=2)
+    cohort = pack_cohort(
+        clients, [0, 1], PackingConfig(batch_size=4), seed=0, round_index=0, num_total_clients=2
+    )
     results = []
     for model, params in (
         (nnx_model, nnx_model.init(None, None)),
         (pure_model, {"w": dense["kernel"], "b": dense["bias"]}),
     ):
         algorithm = fed_avg(classification_loss(model), optax.sgd(0.1))
-        state, _ = build_round(algorithm, ExecutionPlan())(algorithm.init(params), cohort, jax.random.key(0))
+        state, _ = build_round(algorithm, ExecutionPlan())(
+            algorithm.init(params), cohort, jax.random.key(0)
+        )
         results.append(state.params)
     nnx_params, pure_params = results
     np.testing.assert_allclose(np.asarray(nnx_params["kernel"][...]), pure_params["w"], atol=1e-6)
@@ -233,5 +248,7 @@ def test_uint8_pixels_are_scaled_like_float_pixels(digits_cnn):
     pixels = np.random.default_rng(3).integers(0, 256, size=(2, 8, 8, 1)).astype(np.uint8)
     as_float = pixels.astype(np.float32) / 255.0
     np.testing.assert_allclose(
-        digits_cnn.apply(params, pixels, None, False), digits_cnn.apply(params, as_float, None, False), atol=1e-6
+        digits_cnn.apply(params, pixels, None, False),
+        digits_cnn.apply(params, as_float, None, False),
+        atol=1e-6,
     )

@@ -9,6 +9,7 @@ import dp_accounting
 import numpy as np
 import pytest
 
+from fedjaxsim.core.validation import InvalidArgument
 from fedjaxsim.privacy import accounting
 
 POPULATION, COHORT, DELTA = 1000, 50, 1e-5
@@ -102,9 +103,7 @@ def test_issue_example_fixed_size_sampling_costs_about_34_not_4():
         1e-5,
     )
     assert accounting.round_event(1.0, sampling="fixed_size", **common) == (
-        dp_accounting.SampledWithoutReplacementDpEvent(
-            1000, 50, dp_accounting.GaussianDpEvent(0.5)
-        )
+        dp_accounting.SampledWithoutReplacementDpEvent(1000, 50, dp_accounting.GaussianDpEvent(0.5))
     )
     assert accounting.round_event(1.0, sampling="poisson", **common) == (
         dp_accounting.PoissonSampledDpEvent(0.05, dp_accounting.GaussianDpEvent(1.0))
@@ -195,8 +194,9 @@ def test_bad_accounting_arguments_name_the_parameter(kwargs, parameter):
         "sampling": "poisson",
     }
     arguments.update(kwargs)
-    with pytest.raises(ValueError, match=parameter):
+    with pytest.raises(InvalidArgument, match=parameter) as raised:
         accounting.compute_epsilon(**arguments)
+    assert raised.value.name.rsplit(".", 1)[-1] == parameter  # what the runner maps to a key
 
 
 def test_bad_search_target_names_the_parameter():

@@ -17,7 +17,7 @@ from scipy import stats
 
 from fedjaxsim.algorithms.fed_avg import fed_avg
 from fedjaxsim.core.aggregators import ClientPayload, aggregate_clients
-from fedjaxsim.testing import run_rounds
+from fedjaxsim.core.validation import InvalidArgument
 from fedjaxsim.privacy import (
     AdaptiveClipping,
     EpsilonSchedule,
@@ -26,6 +26,7 @@ from fedjaxsim.privacy import (
     dp_fed_avg_aggregator,
     update_noise_multiplier,
 )
+from fedjaxsim.testing import run_rounds
 from tests.privacy import harness
 
 MISS_PROBABILITY = 1e-9  # per side of every statistical bound
@@ -59,10 +60,6 @@ def _parts(payloads: ClientPayload):
     """Index arrays of the update, means and sums within a joint row."""
     sizes = [sum(leaf[0].size for leaf in jax.tree.leaves(part)) for part in payloads]
     return np.split(np.arange(sum(sizes)), np.cumsum(sizes)[:-1])
-
-
-def _one_client(payloads, index):
-    return jax.tree.map(lambda leaf: leaf[index : index + 1], payloads)
 
 
 def _random_payloads(num_clients, seed=0):
@@ -291,9 +288,7 @@ def test_adaptive_clipping_with_noise_splits_the_budget():
     )
     weights = np.ones(num_clients, np.float32)
     config = AdaptiveClipping(target, learning_rate, clipped_count_stddev=sigma_b)
-    aggregator = dp_fed_avg_aggregator(
-        clip_norm, z, expected_cohort_size, adaptive_clipping=config
-    )
+    aggregator = dp_fed_avg_aggregator(clip_norm, z, expected_cohort_size, adaptive_clipping=config)
     state = aggregator.init(None)
 
     @jax.jit
@@ -325,13 +320,12 @@ def test_adaptive_clipping_with_noise_splits_the_budget():
         np.asarray(metrics["dp_noise_stddev_on_sum"]), z_delta * clip_norm, rtol=1e-6
     )
 
-    unclipped_fraction = (np.sum(row_norms <= clip_norm) - num_clients / 2) / (
-        expected_cohort_size
-    ) + 0.5
+    # Andrew et al.: b~ = (sum_k (b_k - 1/2) + N(0, sigma_b^2)) / m + 1/2, b_k on the joint norm.
     assert 0.2 < np.mean(row_norms <= clip_norm) < 0.8
+    noiseless = np.sum((row_norms <= clip_norm) - 0.5) / expected_cohort_size + 0.5
     estimates = np.asarray(metrics["dp_unclipped_fraction_estimate"], np.float64)
     _assert_standard_normal(
-        (estimates - unclipped_fraction) / (sigma_b / expected_cohort_size), "count noise"
+        (estimates - noiseless) / (sigma_b / expected_cohort_size), "count noise"
     )
     np.testing.assert_allclose(
         np.asarray(next_clip_norms, np.float64),
@@ -376,6 +370,7 @@ def test_epsilon_schedule_is_reported_per_round():
         ({"clip_norm": 0.0}, "clip_norm"),
         ({"clip_norm": -1.0}, "clip_norm"),
         ({"clip_norm": float("nan")}, "clip_norm"),
+        ({"clip_norm": math.inf, "noise_multiplier": 0.5}, "clip_norm"),  # noise z * inf
         ({"noise_multiplier": -0.1}, "noise_multiplier"),
         ({"expected_cohort_size": 0}, "expected_cohort_size"),
         ({"noise_cohort_size": 5}, "noise_cohort_size"),
@@ -395,8 +390,9 @@ def test_epsilon_schedule_is_reported_per_round():
 def test_bad_dp_arguments_name_the_parameter(kwargs, parameter):
     arguments = {"clip_norm": 1.0, "noise_multiplier": 1.0, "expected_cohort_size": 10}
     arguments.update(kwargs)
-    with pytest.raises(ValueError, match=parameter):
+    with pytest.raises(InvalidArgument, match=parameter) as raised:
         dp_fed_avg_aggregator(**arguments)
+    assert raised.value.name.rsplit(".", 1)[-1] == parameter  # what the runner maps to a key
 
 
 def test_clip_by_global_norm_leaves_zero_update_alone():

@@ -11,6 +11,7 @@ import pytest
 from scipy import stats
 
 from fedjaxsim.core.aggregators import ClientPayload, aggregate_clients
+from fedjaxsim.core.validation import InvalidArgument
 from fedjaxsim.privacy import mask_inputs, quantize_to_fixed_point, secure_aggregator, unmask_sum
 from fedjaxsim.privacy.secure_aggregation import quantization_scale
 from tests.privacy import harness
@@ -89,9 +90,7 @@ def test_fixed_point_quantization_is_unbiased():
     assert np.abs(np.asarray(quantized)).max() <= 2 ** (bits - 1) - 1
 
 
-def test_secure_round_through_the_engine_is_the_survivors_clipped_mean(
-    logreg_loss, logreg_params
-):
+def test_secure_round_through_the_engine_is_the_survivors_clipped_mean(logreg_loss, logreg_params):
     """With dropouts, the round's delta is the clipped mean of exactly one subset
     of survivors, to within one quantization level (masked equals unmasked
     bit for bit: the side-channel test below)."""
@@ -261,5 +260,6 @@ def test_side_channel_is_clipped_with_the_update_and_decoded_as_means_and_sums(
 def test_bad_secure_aggregation_arguments_name_the_parameter(kwargs, parameter):
     arguments = {"clip_norm": 1.0}
     arguments.update(kwargs)
-    with pytest.raises(ValueError, match=parameter):
+    with pytest.raises(InvalidArgument, match=parameter) as raised:
         secure_aggregator(**arguments)
+    assert raised.value.name.rsplit(".", 1)[-1] == parameter  # what the runner maps to a key

@@ -1,4 +1,4 @@
-"""Issue 7's aggregators give the same round on 8 sharded devices as on one."""
+"""DP, secure aggregation and Krum give the same round on 8 sharded devices as on one."""
 
 import json
 import os
@@ -30,3 +30,7 @@ def test_privacy_robust_and_compression_aggregators_agree_on_eight_devices():
         assert entry["moved"] > 1e-3, name  # the round really changed the model
         assert entry["metrics_equal"], name
         assert entry["max_difference"] < 2e-6, (name, entry)
+    # The features under test really ran: noise, and clients that dropped out.
+    assert report["dp_fed_avg"]["metrics"]["dp_noise_stddev_on_sum"] > 0
+    assert report["secure"]["metrics"]["secagg_num_dropped"] > 0
+    assert report["secure"]["metrics"]["secagg_aborted"] == 0

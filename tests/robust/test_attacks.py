@@ -5,8 +5,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from fedjaxsim.algorithms.scaffold import ScaffoldBroadcast
 from fedjaxsim.core.engine import ExecutionPlan, build_round
 from fedjaxsim.core.packing import PackingConfig, pack_cohort
+from fedjaxsim.core.validation import InvalidArgument
 from fedjaxsim.robust import (
     AttackClientState,
     attack_client_states,
@@ -17,7 +19,8 @@ from fedjaxsim.robust import (
     sign_flip,
     with_attack,
 )
-from tests.conftest import NUM_CLASSES, make_clients
+from fedjaxsim.testing import synthetic_clients
+from tests.conftest import SYNTHETIC_CLASSES as NUM_CLASSES
 from tests.privacy import harness
 
 
@@ -29,7 +32,7 @@ def test_in_round_label_flip_and_sign_flip_hit_only_malicious_clients(logreg_los
     flagged = malicious[harness.CLIENT_IDS]
 
     # Host-side poisoning for the reference.
-    clients = make_clients(harness.SIZES, seed=1)
+    clients = synthetic_clients(harness.SIZES, seed=1)
     for client, bad in zip(clients, flagged):
         if bad:
             client["y"] = (NUM_CLASSES - 1 - client["y"]).astype(np.int32)
@@ -73,6 +76,13 @@ def test_update_attacks_are_the_documented_maps():
     # The server applies params - update, so one boosted delta of gamma (broadcast -
     # target), averaged with n - 1 honest zeros at server lr 1 and gamma = n, lands on target.
     np.testing.assert_allclose(replaced["w"], 4.0 * (np.array([0.1, 0.2, 0.3]) - 1.0), rtol=1e-6)
+    # SCAFFOLD broadcasts its params with the control variate: the same target.
+    scaffold_broadcast = ScaffoldBroadcast(params=broadcast, control=target)
+    replaced_in_scaffold = model_replacement(4.0, target_params=target).transform_update(
+        update, scaffold_broadcast
+    )
+    np.testing.assert_array_equal(replaced_in_scaffold["w"], replaced["w"])
+    np.testing.assert_array_equal(replaced_in_scaffold["b"], replaced["b"])
     batch = {"x": jnp.zeros((2, 3)), "y": jnp.asarray([0, 4], jnp.int32)}
     np.testing.assert_array_equal(label_flip(5).transform_batch(batch)["y"], [4, 0])
 
@@ -92,10 +102,14 @@ def test_attack_wrapper_needs_its_client_states(logreg_loss, logreg_params):
     algorithm = with_attack(
         harness.fed_avg_with(logreg_loss, harness.stacked_updates_aggregator()), sign_flip()
     )
-    with pytest.raises(ValueError, match="attack_client_states"):
-        build_round(algorithm, ExecutionPlan())(
-            algorithm.init(logreg_params), harness.cohort(), jax.random.key(0)
-        )
+    round_fn = build_round(algorithm, ExecutionPlan())
+    state, cohort = algorithm.init(logreg_params), harness.cohort()
+    with pytest.raises(ValueError, match="client_states"):  # none at all: the engine says so
+        round_fn(state, cohort, jax.random.key(0))
+    with pytest.raises(ValueError, match="attack_client_states"):  # flags without the wrapper
+        round_fn(state, cohort, jax.random.key(0), np.zeros(len(harness.CLIENT_IDS), bool))
+    honest = algorithm.initial_client_state(logreg_params)
+    assert isinstance(honest, AttackClientState) and not bool(honest.malicious)
     assert isinstance(attack_client_states(np.zeros(3, bool), [0, 1]), AttackClientState)
 
 
@@ -108,5 +122,6 @@ def test_attack_wrapper_needs_its_client_states(logreg_loss, logreg_params):
     ],
 )
 def test_bad_attack_arguments_name_the_parameter(build, parameter):
-    with pytest.raises(ValueError, match=parameter):
+    with pytest.raises(InvalidArgument, match=parameter) as raised:
         build()
+    assert raised.value.name.rsplit(".", 1)[-1] == parameter  # what the runner maps to a key

@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 
 from fedjaxsim.core.aggregators import ClientPayload, aggregate_clients
+from fedjaxsim.core.validation import InvalidArgument
 from fedjaxsim.robust import coordinate_median, krum, multi_krum, norm_bounded_mean, trimmed_mean
 from tests.privacy import harness
 
@@ -108,12 +109,23 @@ def test_norm_bounded_mean_matches_numpy():
     assert float(metrics["norm_bound_num_clipped"]) == np.sum(norms > 1.5)
 
 
-@pytest.mark.parametrize(
-    "build",
-    [coordinate_median, lambda: trimmed_mean(0.2), lambda: krum(2), lambda: norm_bounded_mean(50.0)],
-    ids=["median", "trimmed_mean", "krum", "norm_bound"],
-)
-def test_side_channel_is_a_weighted_mean_and_a_plain_sum_over_the_present_clients(build):
+SIDE_CHANNEL_CASES = {
+    # name: (aggregator, float64 reference of the update from the kept rows and weights)
+    "median": (coordinate_median, lambda rows, weights: np.median(rows, axis=0)),
+    "trimmed_mean": (
+        lambda: trimmed_mean(0.2),
+        lambda rows, weights: _trimmed_mean_reference(rows, 0.2),
+    ),
+    "krum": (lambda: krum(2), lambda rows, weights: _krum_reference(rows, 2, 1)[0]),
+    "norm_bound": (
+        lambda: norm_bounded_mean(50.0),
+        lambda rows, weights: (weights[:, None] * rows).sum(axis=0) / weights.sum(),
+    ),
+}
+
+
+@pytest.mark.parametrize("name", SIDE_CHANNEL_CASES)
+def test_side_channel_is_a_weighted_mean_and_a_plain_sum_over_the_present_clients(name):
     """The rule applies to the update rows; the side channel is streamed as
     declared: means weighted by the clients' weights, sums plain, both over the
     clients that count (the NaN client and the padding clients drop out whole).
@@ -121,6 +133,7 @@ def test_side_channel_is_a_weighted_mean_and_a_plain_sum_over_the_present_client
     updates, weights = _stacked_inputs(seed=4)
     updates["kernel"][2] /= 25.0  # no outlier: keeps every norm below the bound
     side = harness.side_channel_payloads(NUM_ROWS, seed=6)
+    build, reference = SIDE_CHANNEL_CASES[name]
     got, aggregate, metrics = _aggregate(build(), updates, weights, side.means, side.sums)
     keep = (weights > 0) & np.all(np.isfinite(harness.flat_rows(updates)), axis=1)
     assert keep.sum() == 8
@@ -139,15 +152,7 @@ def test_side_channel_is_a_weighted_mean_and_a_plain_sum_over_the_present_client
     # The update is the rule's, from the update rows alone.
     rows, _ = _valid_rows(updates, weights)
     assert np.linalg.norm(np.concatenate([rows, means, sums], axis=1), axis=1).max() < 50.0
-    expected = {
-        "median": lambda: np.median(rows, axis=0),
-        "trimmed_mean": lambda: _trimmed_mean_reference(rows, 0.2),
-        "krum": lambda: _krum_reference(rows, 2, 1)[0],
-        "norm_bound": lambda: (kept_weights[:, None] * rows).sum(axis=0) / kept_weights.sum(),
-    }
-    name = {coordinate_median: "median"}.get(build)
-    del name
-    np.testing.assert_allclose(got, expected[_NAMES[id(build)]](), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(got, reference(rows, kept_weights), rtol=1e-5, atol=1e-6)
 
 
 def test_median_through_the_engine_with_clients_packed_in_lanes(logreg_loss, logreg_params):
@@ -179,5 +184,6 @@ def test_krum_rejects_a_cohort_too_small_for_its_attackers():
     ],
 )
 def test_bad_robust_arguments_name_the_parameter(build, parameter):
-    with pytest.raises(ValueError, match=parameter):
+    with pytest.raises(InvalidArgument, match=parameter) as raised:
         build()
+    assert raised.value.name.rsplit(".", 1)[-1] == parameter  # what the runner maps to a key

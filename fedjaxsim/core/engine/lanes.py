@@ -32,6 +32,12 @@ from fedjaxsim.core.engine.plan import ExecutionPlan
 from fedjaxsim.core.trees import tree_where
 from fedjaxsim.core.types import PyTree
 
+# A client's key is fold_in(round_key, client_id); its local step t draws
+# fold_in(client_key, t). Its client_init and its aggregator share draw from
+# these two, which no step index reaches.
+INIT_STREAM = 0xFFFF_FFFF
+AGGREGATOR_STREAM = 0xFFFF_FFFE
+
 
 class LaneInputs(NamedTuple):
     """Every lane's inputs; the engine slices it into chunks and single lanes."""
@@ -115,6 +121,12 @@ def step_inputs(lane: LaneInputs) -> StepInputs:
     return StepInputs(lane.data, lane.mask, local_index, position, first, last)
 
 
+def loops_lone_lane(unroll) -> bool:
+    """Whether a lone lane runs its steps in a loop that stops at its last real
+    step (``scan_unroll`` of exactly 1; ``True``, which unrolls, compares equal to 1)."""
+    return unroll is not True and unroll == 1
+
+
 def run_steps(step, carry, inputs: StepInputs, active, live_steps, unroll):
     """Runs ``step(carry, inputs[t])`` over the lane's steps; returns the carry.
 
@@ -124,7 +136,7 @@ def run_steps(step, carry, inputs: StepInputs, active, live_steps, unroll):
     Otherwise a ``lax.scan`` over every step, where a step that is padding for
     every lane of the chunk (``active[t]`` False) is skipped by a real branch.
     """
-    if active is None and unroll == 1:
+    if active is None and loops_lone_lane(unroll):
         return jax.lax.fori_loop(
             0, live_steps, lambda index, carry: step(carry, take(inputs, index))[0], carry
         )
@@ -167,12 +179,15 @@ def train_lane(
     """
     lone = active is None
     client_step = batches_with_feature_shapes(algorithm.client_step, feature_shapes)
-    local_step = guarded_step(client_step, "select" if lone and plan.scan_unroll == 1 else "cond")
+    guard = "select" if lone and loops_lone_lane(plan.scan_unroll) else "cond"
+    local_step = guarded_step(client_step, guard)
     client_rngs = jax.vmap(jax.random.fold_in, in_axes=(None, 0))(context.client_rng, lane.client_id)
+    stream = jax.vmap(jax.random.fold_in, in_axes=(0, None))
+    init_rngs, aggregator_rngs = stream(client_rngs, INIT_STREAM), stream(client_rngs, AGGREGATOR_STREAM)
 
     def start(position):
         state = take(lane.client_state, position)
-        return algorithm.client_init(context.broadcast, state, client_rngs[position])
+        return algorithm.client_init(context.broadcast, state, init_rngs[position])
 
     local = start(0)
     stats = jax.eval_shape(client_step, local, take(lane.data, 0), lane.mask[0], client_rngs[0])[1]
@@ -209,7 +224,7 @@ def train_lane(
         return finish_client(algorithm, context, local, sums, weight, state, rng)
 
     lane_sums, records = map_positions(
-        finish, final_locals, final_sums, lane.weight, lane.client_state, client_rngs
+        finish, final_locals, final_sums, lane.weight, lane.client_state, aggregator_rngs
     )
     return sum_leading(lane_sums), records
 
