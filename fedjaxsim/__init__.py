@@ -39,6 +39,7 @@ from fedjaxsim.core.packing import PackingConfig, default_num_lanes, pack_cohort
 from fedjaxsim.core.sampling import sample_uniform
 from fedjaxsim.core.sharding import client_mesh, shard_cohort
 from fedjaxsim.models import get_model
+from fedjaxsim.privacy.dp import dp_fed_avg
 
 __version__ = "0.1.0"
 
@@ -63,6 +64,7 @@ __all__ = [
     "default_num_lanes",
     "default_plan",
     "ditto",
+    "dp_fed_avg",
     "fed_adagrad",
     "fed_adam",
     "fed_avg",

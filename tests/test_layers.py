@@ -345,9 +345,9 @@ def test_the_checker_reports_each_broken_rule(module, source, expected):
         ("fedjaxsim.models.zoo", "from fedjaxsim.core.losses import classification_loss"),
         (
             "fedjaxsim.robust.attacks",
-            "from fedjaxsim.privacy.dp_fed_avg import dp_fed_avg_aggregator",
+            "from fedjaxsim.privacy.dp import dp_fed_avg_aggregator",
         ),
-        ("fedjaxsim.privacy.dp_fed_avg", "from fedjaxsim.privacy._internal import helper"),
+        ("fedjaxsim.privacy.dp", "from fedjaxsim.privacy._internal import helper"),
         (
             "fedjaxsim.runner.experiment",
             "import fedjaxsim\nfrom fedjaxsim.data import digits\nprint(1)",

@@ -11,6 +11,7 @@ import math
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from fedjaxsim.core.types import PyTree
 
@@ -90,3 +91,37 @@ def tree_size(tree: PyTree) -> int:
 def sgd_step(params: PyTree, direction: PyTree, learning_rate) -> PyTree:
     """``params - learning_rate * direction``, leaf by leaf, keeping dtypes."""
     return jax.tree.map(lambda p, d: (p - learning_rate * d).astype(p.dtype), params, direction)
+
+
+def clip_by_global_norm(update: PyTree, clip_norm) -> tuple[PyTree, jax.Array]:
+    """Scales ``update`` to global L2 norm at most ``clip_norm``.
+
+    Args:
+      update: a pytree of float arrays.
+      clip_norm: float32[] ``C > 0`` (``inf`` clips nothing).
+
+    Returns:
+      ``(clipped, norm)``: ``update * min(1, C / ||update||)`` and the norm
+      before clipping (float32[]). An update within the bound is returned
+      unchanged, bit for bit (it is multiplied by exactly 1).
+    """
+    norm = tree_l2_norm(update)
+    clip_norm = jnp.asarray(clip_norm, jnp.float32)
+    over = norm > clip_norm
+    scale = jnp.where(over, clip_norm / jnp.where(over, norm, 1.0), 1.0)
+    return tree_scale(update, scale), norm
+
+
+def split_like(vector: jax.Array, tree: PyTree) -> PyTree:
+    """Cuts a flat ``vector`` into a pytree shaped like ``tree``, in leaf order.
+
+    Random draws for a whole pytree are made as one flat vector and cut with
+    this: every draw compiles its own PRNG kernel, so one draw per leaf made a
+    round of a many-leaf model several times slower to compile.
+    """
+    leaves, treedef = jax.tree.flatten(tree)
+    ends = np.cumsum([math.prod(leaf.shape) for leaf in leaves])
+    parts = jnp.split(vector, ends[:-1]) if leaves else []
+    return jax.tree.unflatten(
+        treedef, [part.reshape(leaf.shape) for part, leaf in zip(parts, leaves)]
+    )

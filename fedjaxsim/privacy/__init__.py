@@ -1,6 +1,6 @@
 """Differential privacy and secure aggregation for federated rounds.
 
-* :mod:`fedjaxsim.privacy.dp_fed_avg`: DP-FedAvg (McMahan et al. 2018) as an
+* :mod:`fedjaxsim.privacy.dp`: DP-FedAvg (McMahan et al. 2018) as an
   aggregator for any algorithm: per-client clipping of the whole message,
   Gaussian noise on the sum, fixed-denominator estimator, adaptive clipping
   (Andrew et al. 2021), ``noise_cohort_size``.
@@ -12,7 +12,7 @@
   aggregation (Bonawitz et al. 2017) in modular arithmetic, with dropouts.
 """
 
-from fedjaxsim.privacy.dp_fed_avg import (
+from fedjaxsim.privacy.dp import (
     AdaptiveClipping,
     DpAggregatorState,
     EpsilonSchedule,

@@ -1,6 +1,6 @@
 """Privacy accounting for DP-FedAvg with the ``dp-accounting`` package.
 
-One round of DP-FedAvg (:mod:`fedjaxsim.privacy.dp_fed_avg`) is a sampled
+One round of DP-FedAvg (:mod:`fedjaxsim.privacy.dp`) is a sampled
 Gaussian mechanism at the *user* level: a cohort is sampled from a population
 of ``num_total_clients``, each sampled client's update is clipped to L2 norm
 ``C``, and Gaussian noise of standard deviation ``noise_multiplier * C`` is
@@ -40,7 +40,7 @@ about 4), so a default could only understate epsilon.
     suite checks that this PLD epsilon never exceeds the RDP bound.)
 
 Noise calibrated for a larger cohort than the one simulated (``noise_cohort_size``
-of :func:`fedjaxsim.privacy.dp_fed_avg.dp_fed_avg_aggregator`, as in
+of :func:`fedjaxsim.privacy.dp.dp_fed_avg_aggregator`, as in
 pfl-research): account with ``cohort_size=noise_cohort_size``, i.e. for the
 deployment the noise was calibrated for, not for the simulation.
 
@@ -54,7 +54,7 @@ from __future__ import annotations
 import numpy as np
 
 from fedjaxsim.core.validation import check_choice, check_int, check_real
-from fedjaxsim.privacy.dp_fed_avg import EpsilonSchedule
+from fedjaxsim.privacy.dp import EpsilonSchedule
 
 try:
     import dp_accounting

@@ -31,7 +31,7 @@ import jax.numpy as jnp
 
 from fedjaxsim.core.aggregators import Aggregator, Contribution, average, weigh
 from fedjaxsim.core.validation import InvalidArgument, check_int, check_real
-from fedjaxsim.privacy.dp_fed_avg import clip_by_global_norm
+from fedjaxsim.core.trees import clip_by_global_norm
 
 
 def _stack_transform(payload, weight, state, rng):

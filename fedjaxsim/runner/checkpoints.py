@@ -37,7 +37,11 @@ import orbax.checkpoint as ocp
 
 from fedjaxsim.runner import faults
 
-FORMAT_VERSION = 1
+# Bumped whenever what a checkpoint holds changes meaning, so that an older
+# run is refused with a clear message instead of a confusing config or restore
+# error. 2: server states carry ``aggregator_state``, and the config has one
+# section per algorithm and dataset family (issue 13).
+FORMAT_VERSION = 2
 
 
 class _MetaHandler(ocp.handlers.JsonCheckpointHandler):

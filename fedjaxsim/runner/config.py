@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import types
 import typing
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -241,7 +242,7 @@ def _describe(tp) -> str:
     origin = typing.get_origin(tp)
     if origin is Literal:
         return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
-    if origin in (Union, getattr(__import__("types"), "UnionType")):
+    if origin in (Union, types.UnionType):
         return " or ".join(_describe(a) for a in typing.get_args(tp))
     if tp is type(None):
         return "null"
@@ -261,12 +262,13 @@ def _from_dict(cls, values, prefix: str):
     try:
         return dacite.from_dict(cls, dict(values), config=_DACITE)
     except dacite.UnexpectedDataError as error:
-        key = sorted(error.keys)[0]
+        key = str(sorted(error.keys)[0])
         valid = [f.name for f in dataclasses.fields(cls)]
-        close = difflib.get_close_matches(str(key), valid, n=1)
+        close = difflib.get_close_matches(key, valid, n=1)
         hint = f"; did you mean {close[0]!r}?" if close else ""
         raise ConfigError(
-            _dotted(prefix, str(key)), f"unknown key{hint} Valid keys here: {', '.join(valid)}"
+            _dotted(prefix, key),
+            f"unknown key{hint}.{_owners(prefix, key)} Valid keys here: {', '.join(valid)}",
         ) from None
     except dacite.WrongTypeError as error:
         raise ConfigError(
@@ -278,6 +280,19 @@ def _from_dict(cls, values, prefix: str):
         raise ConfigError(
             _dotted(prefix, error.field_path), f"is required for {cls.__name__}; set it"
         ) from None
+
+
+def _owners(section: str, key: str) -> str:
+    """`` It belongs to fedavgm, fednova.`` when other members of a union section have ``key``."""
+    if section not in UNION_SECTIONS:
+        return ""
+    registry = UNION_SECTIONS[section][0]
+    owners = [
+        name
+        for name, cls in registry.items()
+        if key in {f.name for f in dataclasses.fields(cls)}
+    ]
+    return f" It belongs to {', '.join(owners)}." if owners else ""
 
 
 def _section(key: str, values, registry: dict[str, type], default: type):
@@ -303,9 +318,12 @@ def config_from_dict(values: Mapping) -> ExperimentConfig:
     if not isinstance(values, Mapping):
         raise ConfigError("", f"expected a mapping of keys to values, got {values!r}")
     values = dict(values)
-    for key, (registry, default) in UNION_SECTIONS.items():
-        if key in values:
-            values[key] = _section(key, values[key], registry, default)
+    hints = typing.get_type_hints(ExperimentConfig)
+    for key, value in values.items():
+        if key in UNION_SECTIONS:
+            values[key] = _section(key, value, *UNION_SECTIONS[key])
+        elif dataclasses.is_dataclass(hints.get(key)):  # so errors name the section's key
+            values[key] = _from_dict(hints[key], value, key)
     return _from_dict(ExperimentConfig, values, "")
 
 
@@ -503,20 +521,24 @@ _SELECTION_FLAGS = {
 }
 
 
-def _selection_arguments(selected: dict[str, str]) -> list[str]:
-    """Names picked with flags (``--algorithm fedadam``) as tyro's subcommand tokens."""
-    tokens = []
+def _selection_arguments(selected: dict[str, str], given: Sequence[str]) -> list[str]:
+    """``given`` with the names picked by flags (``--algorithm fedadam``) as tyro's
+    subcommand tokens in front, unless ``given`` already holds the subcommand."""
+    leading, trailing = [], []
     for section, name in selected.items():
         registry, _ = UNION_SECTIONS[section]
         if name not in registry:
             close = difflib.get_close_matches(name, registry, n=1)
             hint = f"; did you mean {close[0]!r}?" if close else ""
-            raise ConfigError(f"{section}.name", f"unknown {section} {name!r}{hint} Known: {', '.join(registry)}")
+            raise ConfigError(
+                f"{section}.name", f"unknown {section} {name!r}{hint} Known: {', '.join(registry)}"
+            )
         member = registry[name]
-        tokens.append(f"{section}:{_subcommand(member)}")
+        if not any(token.startswith(f"{section}:") for token in given):
+            leading.append(f"{section}:{_subcommand(member)}")
         if len(section_names(member)) > 1:  # a family of several: its name is a real flag
-            tokens += [f"--{section}.name", name]
-    return tokens
+            trailing += [f"--{section}.name", name]
+    return [*leading, *given, *trailing]
 
 
 def parse_run_arguments(argv: Sequence[str]) -> tuple[ExperimentConfig, bool]:
@@ -548,7 +570,7 @@ def parse_run_arguments(argv: Sequence[str]) -> tuple[ExperimentConfig, bool]:
     config = tyro.cli(
         ExperimentConfig,
         default=base,
-        args=[*_selection_arguments(selected), *rest],
+        args=_selection_arguments(selected, rest),
         prog="fedjaxsim run",
         description=RUN_DESCRIPTION,
         config=(tyro.conf.CascadeSubcommandArgs,),

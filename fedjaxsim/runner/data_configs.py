@@ -35,7 +35,6 @@ def data_config(cls):
 class DigitsData:
     """scikit-learn's 1,797 handwritten 8x8 digits (embedded), Dirichlet label skew."""
 
-    names: ClassVar = ("digits",)
     name: tyro.conf.Suppress[Literal["digits"]] = "digits"
     num_clients: NumClients = 100
     alpha: DirichletAlpha = 0.5
@@ -65,7 +64,6 @@ class DigitsData:
 class FederatedEmnistData:
     """Federated EMNIST, its writers as clients (3,400; 3,383 for the digits-only variant)."""
 
-    names: ClassVar = ("federated_emnist", "federated_emnist_digits")
     name: Literal["federated_emnist", "federated_emnist_digits"] = "federated_emnist"
     """federated_emnist: 62 classes; federated_emnist_digits: the 10-class variant."""
     source: Literal["tff", "fedjax"] = "tff"
@@ -101,7 +99,6 @@ class FederatedEmnistData:
 class TfdsData:
     """A TFDS image dataset, its train split partitioned into clients."""
 
-    names: ClassVar = ("mnist", "emnist/byclass", "fashion_mnist", "cifar10", "cifar100")
     name: Literal["mnist", "emnist/byclass", "fashion_mnist", "cifar10", "cifar100"] = "mnist"
     num_clients: NumClients = 100
     partition: Partition = "dirichlet"

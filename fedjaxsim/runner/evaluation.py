@@ -78,7 +78,9 @@ def build_per_client_eval(apply_fn, clients_per_chunk: int | None = None):
 
     @jax.jit
     def evaluate(params, batches: ClientEvalBatches):
-        per_client = lambda b: classification_sums(apply_fn, params, *b)  # noqa: E731
+        def per_client(batch):
+            return classification_sums(apply_fn, params, *batch)
+
         if clients_per_chunk is None:
             return jax.vmap(per_client)(tuple(batches))
         # lax.map with batch_size: a loop over chunks, each chunk vmapped.

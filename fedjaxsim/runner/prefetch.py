@@ -47,7 +47,9 @@ def prefetch_rounds(
             prepared = prepare(round_index)
             yield round_index, prepared, clock() - tic
         return
-    executor = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="fedjaxsim-prefetch")
+    executor = concurrent.futures.ThreadPoolExecutor(
+        max_workers=1, thread_name_prefix="fedjaxsim-prefetch"
+    )
     try:
         pending = executor.submit(prepare, start) if start < stop else None
         for round_index in range(start, stop):

@@ -2,15 +2,18 @@
 
 Nothing here imports the engine or the algorithm modules. Each function is one
 round of one algorithm as the paper's pseudo-code reads: a Python loop over
-the clients, each running :func:`~fedjaxsim.testing.references.local_sgd`
-(the one client loop: gradient, optional correction and momentum, step) over
-its local batches, then the server step. Models are a list of float64 arrays
-with a ``loss_and_grad(params, x, y) -> (mean loss, list of gradients)``
-function (:func:`least_squares_loss_and_grad`,
-:func:`softmax_regression_loss_and_grad`). The
-:class:`~fedjaxsim.testing.references.RoundSchedule` fixes *which* examples
-form each batch (the documented shuffling rule) and how clients weigh
-(``PackingConfig.weighting``), not how they are trained on.
+the clients of a reference cohort, each running
+:func:`~fedjaxsim.testing.references.local_sgd` (the one client loop:
+gradient, optional correction and momentum, step) over its local batches,
+then the server step. Models are a list of float64 arrays with a
+``loss_and_grad(params, x, y) -> (mean loss, list of gradients)`` function
+(:func:`least_squares_loss_and_grad`, :func:`softmax_regression_loss_and_grad`).
+
+A reference cohort is what
+:meth:`~fedjaxsim.testing.references.RoundSchedule.pack` makes of ``(x, y)``
+clients: each client's batches (the documented shuffling rule fixes *which*
+examples form each batch, not how they are trained on) and its weight
+(``PackingConfig.weighting``).
 
 FedAvg and its adaptive servers are :func:`fedjaxsim.testing.references.fed_avg_round`
 with the server optimizers of that module.
@@ -24,8 +27,10 @@ import numpy as np
 
 from fedjaxsim.testing.references import (
     RoundSchedule,
+    batched,
     epoch_batches,
     local_sgd,
+    proximal_term,
     softmax_regression_loss_and_grad,
     weighted_mean,
 )
@@ -57,46 +62,39 @@ def least_squares_loss_and_grad(params, x, y):
     return 0.5 * float(np.mean(np.sum(residual**2, axis=1))), [x.T @ residual / len(x)]
 
 
-def _mean_over_batches(value_fn, batches, num_examples):
-    """The example-weighted mean of ``value_fn(batch)`` (a list of arrays) over ``batches``."""
-    totals = None
-    for batch in batches:
-        values = [len(batch) * v for v in value_fn(batch)]
-        totals = values if totals is None else [t + v for t, v in zip(totals, values)]
-    return [t / num_examples for t in totals]
+def _weights(cohort):
+    return [client.weight for client in cohort]
 
 
-def fed_prox_round(
-    params, clients, client_ids, schedule: RoundSchedule, *, loss_and_grad, client_learning_rate, proximal_mu
-):
+def _mean_over_batches(values, batches):
+    """The example-weighted mean of per-batch ``values`` (lists of arrays)."""
+    return weighted_mean(values, [len(y) for _, y in batches])
+
+
+def fed_prox_round(params, cohort, *, loss_and_grad, client_learning_rate, proximal_mu):
     """One FedProx round (Li et al. 2020): local SGD on ``F_k(w) + mu/2 ||w - w_server||^2``.
 
     Returns:
       The new server params (the weighted average of the client models).
     """
-    models, weights = [], []
-    for (x, y), client_id in zip(clients, client_ids):
+    models = []
+    for client in cohort:
         run = local_sgd(
             params,
-            x,
-            y,
-            schedule.batches(len(y), client_id),
+            client.batches,
             loss_and_grad=loss_and_grad,
             learning_rate=client_learning_rate,
-            correction=lambda w: [proximal_mu * (wi - si) for wi, si in zip(w, params)],
+            correction=proximal_term(params, proximal_mu),
         )
         models.append(run.params)
-        weights.append(schedule.weight(len(y), run.num_examples))
-    return weighted_mean(models, weights)
+    return weighted_mean(models, _weights(cohort))
 
 
 def scaffold_round(
     params,
     server_control,
     client_controls,
-    clients,
-    client_ids,
-    schedule: RoundSchedule,
+    cohort,
     *,
     loss_and_grad,
     client_learning_rate,
@@ -117,18 +115,16 @@ def scaffold_round(
     Returns:
       ``(new_params, new_server_control)``.
     """
-    model_deltas, control_deltas, weights = [], [], []
-    for (x, y), client_id in zip(clients, client_ids):
-        client_control = client_controls.get(client_id, [np.zeros_like(p) for p in params])
+    model_deltas, control_deltas = [], []
+    for client in cohort:
+        client_control = client_controls.get(client.client_id, [np.zeros_like(p) for p in params])
         drift_correction = [c - ci for c, ci in zip(server_control, client_control)]
         run = local_sgd(
             params,
-            x,
-            y,
-            schedule.batches(len(y), client_id),
+            client.batches,
             loss_and_grad=loss_and_grad,
             learning_rate=client_learning_rate,
-            correction=lambda w: drift_correction,
+            correction=drift_correction,
         )
         new_control = [
             ci - c + (x0 - w) / (run.num_steps * client_learning_rate)
@@ -136,9 +132,8 @@ def scaffold_round(
         ]
         model_deltas.append([w - x0 for w, x0 in zip(run.params, params)])
         control_deltas.append([new - old for new, old in zip(new_control, client_control)])
-        client_controls[client_id] = new_control
-        weights.append(schedule.weight(len(y), run.num_examples))
-    mean_delta = weighted_mean(model_deltas, weights)
+        client_controls[client.client_id] = new_control
+    mean_delta = weighted_mean(model_deltas, _weights(cohort))
     new_params = [x0 + server_learning_rate * d for x0, d in zip(params, mean_delta)]
     new_control = [
         c + sum(dc[i] for dc in control_deltas) / num_total_clients
@@ -167,9 +162,7 @@ def fed_nova_norm_of_coefficients(num_steps, client_learning_rate, momentum=0.0,
 
 def fed_nova_round(
     params,
-    clients,
-    client_ids,
-    schedule: RoundSchedule,
+    cohort,
     *,
     loss_and_grad,
     client_learning_rate,
@@ -183,22 +176,22 @@ def fed_nova_round(
     ``x <- x - server_lr * tau_eff * sum_i p_i (x - y_i) / ||a_i||_1`` with
     ``tau_eff = sum_i p_i ||a_i||_1`` (:func:`fed_nova_norm_of_coefficients`).
     """
-    normalized, norms, weights = [], [], []
-    for (x, y), client_id in zip(clients, client_ids):
+    normalized, norms = [], []
+    for client in cohort:
         run = local_sgd(
             params,
-            x,
-            y,
-            schedule.batches(len(y), client_id),
+            client.batches,
             loss_and_grad=loss_and_grad,
             learning_rate=client_learning_rate,
             momentum=momentum,
-            correction=lambda w: [proximal_mu * (wi - si) for wi, si in zip(w, params)],
+            correction=proximal_term(params, proximal_mu),
         )
-        norm = fed_nova_norm_of_coefficients(run.num_steps, client_learning_rate, momentum, proximal_mu)
+        norm = fed_nova_norm_of_coefficients(
+            run.num_steps, client_learning_rate, momentum, proximal_mu
+        )
         normalized.append([(s - w) / norm for s, w in zip(params, run.params)])
         norms.append(norm)
-        weights.append(schedule.weight(len(y), run.num_examples))
+    weights = _weights(cohort)
     effective_steps = sum(w * n for w, n in zip(weights, norms)) / float(sum(weights))
     direction = weighted_mean(normalized, weights)
     return [s - server_learning_rate * effective_steps * d for s, d in zip(params, direction)]
@@ -207,9 +200,7 @@ def fed_nova_round(
 def mime_lite_round(
     params,
     server_momentum,
-    clients,
-    client_ids,
-    schedule: RoundSchedule,
+    cohort,
     *,
     loss_and_grad,
     client_learning_rate,
@@ -228,26 +219,19 @@ def mime_lite_round(
       ``(new_params, new_server_momentum)``.
     """
     frozen_momentum = [momentum * m for m in server_momentum]
-    deltas, gradients, weights = [], [], []
-    for (x, y), client_id in zip(clients, client_ids):
-        batches = schedule.batches(len(y), client_id)
+    deltas, gradients = [], []
+    for client in cohort:
         run = local_sgd(
             params,
-            x,
-            y,
-            batches,
+            client.batches,
             loss_and_grad=loss_and_grad,
             learning_rate=client_learning_rate,
-            correction=lambda w: frozen_momentum,
+            correction=frozen_momentum,
         )
-        full_gradient = _mean_over_batches(
-            lambda batch, x=x, y=y: loss_and_grad(params, x[batch], y[batch])[1],
-            batches,
-            run.num_examples,
-        )
+        server_gradients = [loss_and_grad(params, x, y)[1] for x, y in client.batches]
         deltas.append([s - w for s, w in zip(params, run.params)])
-        gradients.append(full_gradient)
-        weights.append(schedule.weight(len(y), run.num_examples))
+        gradients.append(_mean_over_batches(server_gradients, client.batches))
+    weights = _weights(cohort)
     mean_delta = weighted_mean(deltas, weights)
     new_params = [s - server_learning_rate * d for s, d in zip(params, mean_delta)]
     new_momentum = [
@@ -256,17 +240,7 @@ def mime_lite_round(
     return new_params, new_momentum
 
 
-def q_ffl_round(
-    params,
-    clients,
-    client_ids,
-    schedule: RoundSchedule,
-    *,
-    loss_and_grad,
-    q,
-    client_learning_rate,
-    lipschitz_constant=None,
-):
+def q_ffl_round(params, cohort, *, loss_and_grad, q, client_learning_rate, lipschitz_constant=None):
     """One q-FedAvg round (Li et al. 2020, Algorithm 3), client sums weighted.
 
     ``F_k`` is the mean loss at the server model over the examples of the
@@ -275,23 +249,19 @@ def q_ffl_round(
     ``h_k = q F_k^(q-1) ||dw_k||^2 + L F_k^q``; ``w <- w - sum Delta_k / sum h_k``.
     """
     lipschitz = 1.0 / client_learning_rate if lipschitz_constant is None else lipschitz_constant
-    deltas, curvatures, weights = [], [], []
-    for (x, y), client_id in zip(clients, client_ids):
-        batches = schedule.batches(len(y), client_id)
+    deltas, curvatures = [], []
+    for client in cohort:
         run = local_sgd(
-            params, x, y, batches, loss_and_grad=loss_and_grad, learning_rate=client_learning_rate
+            params, client.batches, loss_and_grad=loss_and_grad, learning_rate=client_learning_rate
         )
-        (server_loss,) = _mean_over_batches(
-            lambda batch, x=x, y=y: [loss_and_grad(params, x[batch], y[batch])[0]],
-            batches,
-            run.num_examples,
-        )
+        server_losses = [[loss_and_grad(params, x, y)[0]] for x, y in client.batches]
+        (server_loss,) = _mean_over_batches(server_losses, client.batches)
         loss = server_loss + 1e-10
         gradient_estimate = [lipschitz * (s - w) for s, w in zip(params, run.params)]
         squared_norm = sum(float(np.sum(g**2)) for g in gradient_estimate)
         deltas.append([loss**q * g for g in gradient_estimate])
         curvatures.append(q * loss ** (q - 1) * squared_norm + lipschitz * loss**q)
-        weights.append(schedule.weight(len(y), run.num_examples))
+    weights = _weights(cohort)
     total_curvature = sum(w * h for w, h in zip(weights, curvatures))
     return [
         s - sum(w * d[i] for w, d in zip(weights, deltas)) / total_curvature
@@ -302,9 +272,7 @@ def q_ffl_round(
 def ditto_round(
     params,
     personal_models,
-    clients,
-    client_ids,
-    schedule: RoundSchedule,
+    cohort,
     *,
     loss_and_grad,
     client_learning_rate,
@@ -325,25 +293,21 @@ def ditto_round(
     Returns:
       The new server params.
     """
-    deltas, weights = [], []
-    for (x, y), client_id in zip(clients, client_ids):
-        batches = schedule.batches(len(y), client_id)
+    deltas = []
+    for client in cohort:
         run = local_sgd(
-            params, x, y, batches, loss_and_grad=loss_and_grad, learning_rate=client_learning_rate
+            params, client.batches, loss_and_grad=loss_and_grad, learning_rate=client_learning_rate
         )
         personal = local_sgd(
-            personal_models.get(client_id, params),
-            x,
-            y,
-            batches,
+            personal_models.get(client.client_id, params),
+            client.batches,
             loss_and_grad=loss_and_grad,
             learning_rate=personal_learning_rate,
-            correction=lambda v: [regularization * (vi - si) for vi, si in zip(v, params)],
+            correction=proximal_term(params, regularization),
         )
-        personal_models[client_id] = personal.params
+        personal_models[client.client_id] = personal.params
         deltas.append([s - w for s, w in zip(params, run.params)])
-        weights.append(schedule.weight(len(y), run.num_examples))
-    mean_delta = weighted_mean(deltas, weights)
+    mean_delta = weighted_mean(deltas, _weights(cohort))
     return [s - server_learning_rate * d for s, d in zip(params, mean_delta)]
 
 
@@ -382,6 +346,8 @@ def fine_tune_and_evaluate(
         batches = epoch_batches(
             len(y), batch_size, num_epochs, seed, round_index, client_id, num_finetune_steps
         )
-        run = local_sgd(start, x, y, batches, loss_and_grad=loss_and_grad, learning_rate=learning_rate)
+        run = local_sgd(
+            start, batched(x, y, batches), loss_and_grad=loss_and_grad, learning_rate=learning_rate
+        )
         losses.append(loss_and_grad(run.params, x_test, y_test)[0])
     return np.asarray(losses)

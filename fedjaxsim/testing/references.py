@@ -17,7 +17,6 @@ params``, where the pseudo-gradient is the weighted mean of the clients'
 
 from __future__ import annotations
 
-import math
 from typing import NamedTuple
 
 import numpy as np
@@ -53,7 +52,9 @@ def softmax_regression_loss_and_grad(params, x, y):
     return loss, [grad_weights, grad_bias]
 
 
-def epoch_batches(num_examples, batch_size, num_epochs, seed, round_index, client_id, max_steps=None):
+def epoch_batches(
+    num_examples, batch_size, num_epochs, seed, round_index, client_id, max_steps=None
+):
     """The example indices of each local step, per the documented shuffling rule."""
     rng = np.random.default_rng([SHUFFLE_STREAM, seed, round_index, client_id])
     batches = []
@@ -64,11 +65,20 @@ def epoch_batches(num_examples, batch_size, num_epochs, seed, round_index, clien
     return batches if max_steps is None else batches[:max_steps]
 
 
+class ClientData(NamedTuple):
+    """One client of a reference cohort, batched as its local steps use its data."""
+
+    client_id: int  # population id (the shuffling seed)
+    batches: list  # (x, y) of each local step, in order
+    weight: float  # aggregation weight (PackingConfig.weighting)
+
+
 class RoundSchedule(NamedTuple):
     """Which examples each local step of a round trains on, and how clients weigh.
 
     The reference's side of ``PackingConfig`` (batch size, epochs, step cap,
-    weighting) plus the shuffling seeds of the round.
+    weighting) plus the shuffling seeds of the round; :meth:`pack` is the
+    reference's ``pack_cohort``.
     """
 
     batch_size: int
@@ -77,6 +87,16 @@ class RoundSchedule(NamedTuple):
     round_index: int
     max_steps: int | None = None
     weighting: str = "num_examples"  # or "num_processed", "uniform"
+
+    def pack(self, clients, client_ids):
+        """The reference cohort: a :class:`ClientData` per ``(x, y)`` pair and its id."""
+        cohort = []
+        for (x, y), client_id in zip(clients, client_ids):
+            batches = batched(x, y, self.batches(len(y), client_id))
+            num_processed = sum(len(batch_y) for _, batch_y in batches)
+            weight = {"num_examples": len(y), "num_processed": num_processed, "uniform": 1.0}
+            cohort.append(ClientData(client_id, batches, weight[self.weighting]))
+        return cohort
 
     def batches(self, num_examples, client_id):
         """The example indices of each of the client's local steps."""
@@ -90,11 +110,10 @@ class RoundSchedule(NamedTuple):
             self.max_steps,
         )
 
-    def weight(self, num_examples, num_processed):
-        """A client's aggregation weight: its dataset size, examples trained on, or 1."""
-        return {"num_examples": num_examples, "num_processed": num_processed, "uniform": 1.0}[
-            self.weighting
-        ]
+
+def batched(x, y, batches):
+    """``(x[batch], y[batch])`` for each batch of example indices."""
+    return [(x[batch], y[batch]) for batch in batches]
 
 
 class LocalRun(NamedTuple):
@@ -106,14 +125,12 @@ class LocalRun(NamedTuple):
     loss_sum: float  # sum over those examples of the loss at the model each step starts from
 
 
-def local_sgd(
-    params, x, y, batches, *, loss_and_grad, learning_rate, momentum=0.0, correction=None
-):
+def local_sgd(params, batches, *, loss_and_grad, learning_rate, momentum=0.0, correction=None):
     """The client loop every reference shares: SGD from ``params`` over ``batches``.
 
-    Each step, on the batch's examples::
+    Each step, on the batch's ``(x, y)``::
 
-        d = grad F(w) + correction(w)      # correction: None, or a list like w
+        d = grad F(w) + correction          # a list like w, or w -> such a list
         m = momentum * m + d                # m = d without momentum
         w = w - learning_rate * m           # optax.sgd(learning_rate, momentum)
 
@@ -123,15 +140,21 @@ def local_sgd(
     local = [p.copy() for p in params]
     velocity = [np.zeros_like(p) for p in params]
     loss_sum, num_examples = 0.0, 0
-    for batch in batches:
-        loss, grads = loss_and_grad(local, x[batch], y[batch])
+    for x, y in batches:
+        loss, grads = loss_and_grad(local, x, y)
         if correction is not None:
-            grads = [g + c for g, c in zip(grads, correction(local))]
+            term = correction(local) if callable(correction) else correction
+            grads = [g + c for g, c in zip(grads, term)]
         velocity = [momentum * v + g for v, g in zip(velocity, grads)]
         local = [w - learning_rate * v for w, v in zip(local, velocity)]
-        loss_sum += loss * len(batch)
-        num_examples += len(batch)
+        loss_sum += loss * len(y)
+        num_examples += len(y)
     return LocalRun(local, len(batches), num_examples, loss_sum)
+
+
+def proximal_term(center, mu):
+    """The ``correction`` of a term ``mu/2 ||w - center||^2``: its gradient ``mu (w - center)``."""
+    return lambda w: [mu * (wi - ci) for wi, ci in zip(w, center)]
 
 
 def weighted_mean(vectors, weights):
@@ -140,16 +163,7 @@ def weighted_mean(vectors, weights):
     return [sum(w * v[i] for w, v in zip(weights, vectors)) / total for i in range(len(vectors[0]))]
 
 
-def fed_avg_round(
-    params,
-    clients,
-    client_ids,
-    schedule,
-    *,
-    loss_and_grad,
-    client_learning_rate,
-    server_optimizer=None,
-):
+def fed_avg_round(params, cohort, *, loss_and_grad, client_learning_rate, server_optimizer=None):
     """One FedAvg round (McMahan et al. 2017), with a server optimizer (Reddi et al. 2020).
 
     Every client runs local SGD from ``params``; the server feeds the
@@ -158,28 +172,21 @@ def fed_avg_round(
     rate 1, sets the params to the weighted mean of the client models.
 
     Args:
-      clients: list of (x float64[n, ...], y[n]).
-      client_ids: population ids (the shuffling seeds).
-      schedule: a :class:`RoundSchedule`.
+      cohort: :class:`ClientData` per client (:meth:`RoundSchedule.pack`).
 
     Returns:
       ``(new params, list of every client's LocalRun)``.
     """
     server_optimizer = ServerSgd(1.0) if server_optimizer is None else server_optimizer
-    deltas, weights, runs = [], [], []
-    for (x, y), client_id in zip(clients, client_ids):
-        run = local_sgd(
-            params,
-            x,
-            y,
-            schedule.batches(len(y), client_id),
-            loss_and_grad=loss_and_grad,
-            learning_rate=client_learning_rate,
+    runs = [
+        local_sgd(
+            params, client.batches, loss_and_grad=loss_and_grad, learning_rate=client_learning_rate
         )
-        deltas.append([s - w for s, w in zip(params, run.params)])
-        weights.append(schedule.weight(len(y), run.num_examples))
-        runs.append(run)
-    return server_optimizer(params, weighted_mean(deltas, weights)), runs
+        for client in cohort
+    ]
+    deltas = [[s - w for s, w in zip(params, run.params)] for run in runs]
+    pseudo_gradient = weighted_mean(deltas, [client.weight for client in cohort])
+    return server_optimizer(params, pseudo_gradient), runs
 
 
 def softmax_fedavg_round_reference(
@@ -210,19 +217,21 @@ def softmax_fedavg_round_reference(
       (new_weights, new_bias, per-client dict lists of loss sums and counts).
     """
     schedule = RoundSchedule(batch_size, num_epochs, seed, round_index, max_steps, weighting)
-    server_optimizer = None
-    if server_step is not None:
-        server_optimizer = lambda params, pseudo_gradient: list(server_step(*pseudo_gradient))  # noqa: E731
+
+    def server_optimizer(params, pseudo_gradient):
+        return list(server_step(*pseudo_gradient))
+
     (new_weights, new_bias), runs = fed_avg_round(
         [weights, bias],
-        clients,
-        client_ids,
-        schedule,
+        schedule.pack(clients, client_ids),
         loss_and_grad=softmax_regression_loss_and_grad,
         client_learning_rate=client_learning_rate,
-        server_optimizer=server_optimizer,
+        server_optimizer=None if server_step is None else server_optimizer,
     )
-    metrics = {"loss_sum": [r.loss_sum for r in runs], "num_examples": [r.num_examples for r in runs]}
+    metrics = {
+        "loss_sum": [r.loss_sum for r in runs],
+        "num_examples": [r.num_examples for r in runs],
+    }
     return new_weights, new_bias, metrics
 
 
@@ -287,10 +296,12 @@ class BiasCorrectedYogi:
         self.t += 1
         b1, b2 = self.b1, self.b2
         self.m = [b1 * m + (1 - b1) * g for m, g in zip(self.m, pseudo_gradient)]
-        self.v = [v - (1 - b2) * np.sign(v - g * g) * g * g for v, g in zip(self.v, pseudo_gradient)]
+        self.v = [v - (1 - b2) * np.sign(v - g**2) * g**2 for v, g in zip(self.v, pseudo_gradient)]
+        m_hat = [m / (1 - b1**self.t) for m in self.m]
+        v_hat = [v / (1 - b2**self.t) for v in self.v]
         return [
-            x - self.learning_rate * (m / (1 - b1**self.t)) / (np.sqrt(v / (1 - b2**self.t)) + self.eps)
-            for x, m, v in zip(params, self.m, self.v)
+            x - self.learning_rate * m / (np.sqrt(v) + self.eps)
+            for x, m, v in zip(params, m_hat, v_hat)
         ]
 
 
@@ -369,8 +380,3 @@ def least_squares_problem(num_clients=8, dim=5, seed=0, heterogeneity=1.0, min_s
         gram += x64.T @ x64
         moment += x64.T @ y64
     return LeastSquaresProblem(clients, np.linalg.solve(gram, moment), optima)
-
-
-def num_local_steps(num_examples, batch_size, num_epochs, max_steps=None):
-    steps = num_epochs * math.ceil(num_examples / batch_size)
-    return steps if max_steps is None else min(steps, max_steps)

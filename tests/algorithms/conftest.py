@@ -26,9 +26,9 @@ import optax
 import pytest
 
 from fedjaxsim import (
+    Cohort,
     ExecutionPlan,
     PackingConfig,
-    Cohort,
     build_round,
     ditto,
     fed_adagrad,
@@ -77,6 +77,13 @@ def linear_softmax_loss(params, batch, rng):
     return optax.softmax_cross_entropy_with_integer_labels(logits, batch["y"])
 
 
+def linear_squared_error(params, batch, rng):
+    """Per-example ``0.5 * ||x w - y||^2`` of linear least squares (pure JAX)."""
+    del rng
+    residual = batch["x"] @ params["w"] - batch["y"]
+    return 0.5 * jnp.sum(residual**2, axis=-1)
+
+
 def population(sizes=POPULATION_SIZES, seed=0):
     """Synthetic classification clients: float32 x[n, 6], int32 y[n] in [0, 3)."""
     return synthetic_clients(sizes, seed=seed, num_features=NUM_FEATURES, num_classes=NUM_CLASSES)
@@ -116,20 +123,45 @@ def pack_round(round_index, clients=None, extra_clients=(), config=PACKING, **pa
     return pack_clients(cohort_clients, ids, round_index, config, **pack_kwargs)
 
 
-def as_reference_clients(clients):
-    """Packed clients -> the references' (float64 x, y) pairs."""
-    return [(c["x"].astype(np.float64), c["y"]) for c in clients]
-
-
-def reference_inputs(round_index, clients=None):
-    clients = population() if clients is None else clients
-    members = ROUND_COHORTS[round_index]
-    return as_reference_clients([clients[i] for i in members]), [POPULATION_IDS[i] for i in members]
-
-
 def schedule(round_index, weighting="num_examples"):
     """The references' view of :data:`PACKING` in round ``round_index``."""
     return refs.RoundSchedule(BATCH_SIZE, NUM_EPOCHS, SEED, round_index, weighting=weighting)
+
+
+def reference_cohort(clients, ids, round_index, weighting="num_examples"):
+    """The references' cohort of the same clients, packed as :func:`pack_clients` packs them."""
+    pairs = [(c["x"].astype(np.float64), c["y"]) for c in clients]
+    return schedule(round_index, weighting).pack(pairs, ids)
+
+
+class ReferenceRound(NamedTuple):
+    """One round's clients, packed for the engine and for the references."""
+
+    cohort: Cohort  # what the engine trains
+    reference: list  # the same clients as the references' ClientData
+
+
+def pack_both(clients, ids, round_index, weighting="num_examples"):
+    """The same clients as the engine's cohort and the references' cohort of a round."""
+    config = dataclasses.replace(PACKING, weighting=weighting)
+    return ReferenceRound(
+        pack_clients(clients, ids, round_index, config),
+        reference_cohort(clients, ids, round_index, weighting),
+    )
+
+
+def standard_rounds(weighting="num_examples"):
+    """The rounds of :data:`ROUND_COHORTS` on the population."""
+    clients = population()
+    return [
+        pack_both(
+            [clients[i] for i in members],
+            [POPULATION_IDS[i] for i in members],
+            round_index,
+            weighting,
+        )
+        for round_index, members in enumerate(ROUND_COHORTS)
+    ]
 
 
 def assert_close(actual, expected, atol=2e-5, message=""):
@@ -142,7 +174,7 @@ def assert_close(actual, expected, atol=2e-5, message=""):
 class AlgorithmCase:
     """An algorithm with fixed hyper-parameters and its float64 reference.
 
-    ``reference_round(params, extra, clients, ids, schedule)`` returns the new
+    ``reference_round(params, extra, reference_cohort)`` returns the new
     reference ``(params, extra)``, where ``extra`` is the reference's other
     state (server control variate and client controls, personal models,
     server optimizer...), created by ``initial_extra(params)``.
@@ -161,12 +193,10 @@ class AlgorithmCase:
 def _fed_avg_case(name, build, make_server_optimizer, check_extra=None):
     """A FedAvg-family case: local SGD at lr 0.1, then the server optimizer."""
 
-    def reference_round(params, server_optimizer, clients, ids, round_schedule):
+    def reference_round(params, server_optimizer, cohort):
         params, _ = references.fed_avg_round(
             params,
-            clients,
-            ids,
-            round_schedule,
+            cohort,
             loss_and_grad=refs.softmax_regression_loss_and_grad,
             client_learning_rate=0.1,
             server_optimizer=server_optimizer,
@@ -183,6 +213,8 @@ def _fed_avg_case(name, build, make_server_optimizer, check_extra=None):
 
 
 def _reddi_case(name, second_moment, build, learning_rate):
+    """A Reddi et al. Algorithm 2 case: the params, and the server's m_t and v_t."""
+
     def check_moments(server_state, stored, server):
         # chain(scale_by_adaptive_tau, scale): the first state holds m_t and v_t.
         adaptive = server_state.opt_state[0]
@@ -201,12 +233,10 @@ def _reddi_case(name, second_moment, build, learning_rate):
 
 
 def _stateless(reference_fn, **hyper):
-    def reference_round(params, extra, clients, ids, round_schedule):
+    def reference_round(params, extra, cohort):
         params = reference_fn(
             params,
-            clients,
-            ids,
-            round_schedule,
+            cohort,
             loss_and_grad=refs.softmax_regression_loss_and_grad,
             **hyper,
         )
@@ -215,15 +245,13 @@ def _stateless(reference_fn, **hyper):
     return reference_round
 
 
-def _scaffold_reference(params, extra, clients, ids, round_schedule):
+def _scaffold_reference(params, extra, cohort):
     server_control, client_controls = extra
     params, server_control = refs.scaffold_round(
         params,
         server_control,
         client_controls,
-        clients,
-        ids,
-        round_schedule,
+        cohort,
         loss_and_grad=refs.softmax_regression_loss_and_grad,
         client_learning_rate=0.1,
         server_learning_rate=0.8,
@@ -245,13 +273,11 @@ def _scaffold_check(server_state, stored, extra):
             assert_close(got, want, message=f"control variate of client {client_id}")
 
 
-def _mime_reference(params, extra, clients, ids, round_schedule):
+def _mime_reference(params, extra, cohort):
     return refs.mime_lite_round(
         params,
         extra,
-        clients,
-        ids,
-        round_schedule,
+        cohort,
         loss_and_grad=refs.softmax_regression_loss_and_grad,
         client_learning_rate=0.1,
         momentum=0.9,
@@ -265,13 +291,11 @@ def _mime_check(server_state, stored, extra):
         assert_close(got, want, message="server momentum")
 
 
-def _ditto_reference(params, extra, clients, ids, round_schedule):
+def _ditto_reference(params, extra, cohort):
     params = refs.ditto_round(
         params,
         extra,
-        clients,
-        ids,
-        round_schedule,
+        cohort,
         loss_and_grad=refs.softmax_regression_loss_and_grad,
         client_learning_rate=0.1,
         personal_learning_rate=0.05,
@@ -398,27 +422,6 @@ VARIANTS = {
 ALL_CASES = {**CASES, **VARIANTS}
 
 
-class ReferenceRound(NamedTuple):
-    """One round's inputs on both sides."""
-
-    cohort: Cohort  # what the engine trains
-    clients: list  # the same clients as the references' (float64 x, y) pairs
-    ids: list  # their population ids
-    schedule: refs.RoundSchedule  # the references' view of the packing
-
-
-def standard_rounds(weighting="num_examples"):
-    """The rounds of :data:`ROUND_COHORTS` on the population."""
-    clients = population()
-    config = dataclasses.replace(PACKING, weighting=weighting)
-    rounds = []
-    for round_index in range(len(ROUND_COHORTS)):
-        data, ids = reference_inputs(round_index, clients)
-        cohort = pack_round(round_index, clients, config=config)
-        rounds.append(ReferenceRound(cohort, data, ids, schedule(round_index, weighting)))
-    return rounds
-
-
 def run_against_reference(case, algorithm, round_fn, rounds, inner_states=lambda states: states):
     """Runs ``rounds`` on the engine and on ``case``'s reference, comparing after each.
 
@@ -440,15 +443,17 @@ def run_against_reference(case, algorithm, round_fn, rounds, inner_states=lambda
     extra = case.initial_extra(reference_params)
     outputs = []
     for round_index, inputs in enumerate(rounds):
-        state, output = run_round(round_fn, state, inputs.cohort, jax.random.key(round_index), store)
-        outputs.append(output)
-        reference_params, extra = case.reference_round(
-            reference_params, extra, inputs.clients, inputs.ids, inputs.schedule
+        state, output = run_round(
+            round_fn, state, inputs.cohort, jax.random.key(round_index), store
         )
+        outputs.append(output)
+        reference_params, extra = case.reference_round(reference_params, extra, inputs.reference)
         for got, want in zip(as_list(state.params), reference_params):
             assert_close(got, want, message=f"{case.name} params after round {round_index}")
         case.check_extra(state, stored, extra)
     return state, outputs, store
+
+
 STATEFUL = ("scaffold", "ditto")
 
 

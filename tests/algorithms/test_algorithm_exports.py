@@ -87,4 +87,6 @@ def test_adaptive_server_optimizers_have_the_papers_emnist_defaults(name, defaul
 
 @pytest.mark.parametrize("name", ["fed_adam", "fed_yogi"])
 def test_adam_and_yogi_default_to_the_bias_corrected_form_the_presets_use(name):
-    assert inspect.signature(getattr(fedjaxsim, name)).parameters["form"].default == "bias_corrected"
+    assert (
+        inspect.signature(getattr(fedjaxsim, name)).parameters["form"].default == "bias_corrected"
+    )

@@ -30,19 +30,13 @@ from fedjaxsim.algorithms.fed_nova import FedNovaLocalState
 from fedjaxsim.testing import least_squares_problem, run_rounds
 from fedjaxsim.testing.algorithm_references import fed_nova_norm_of_coefficients
 from tests.algorithms.conftest import initial_params, linear_softmax_loss, population
+from tests.algorithms.conftest import linear_squared_error as squared_error
 
 DIM = 5
 NUM_CLIENTS = 8
 LOCAL_STEPS = 20
 LEARNING_RATE = 0.05
 NUM_ROUNDS = 100
-
-
-def squared_error(params, batch, rng):
-    """Per-example ``0.5 * (x w - y)^2``."""
-    del rng
-    residual = batch["x"] @ params["w"] - batch["y"]
-    return 0.5 * jnp.sum(residual**2, axis=-1)
 
 
 class LeastSquares:

@@ -25,15 +25,7 @@ from fedjaxsim import (
 )
 from fedjaxsim.testing import references, synthetic_clients
 from fedjaxsim.testing.references import softmax_fedavg_round_reference
-from tests.algorithms.conftest import (
-    ROUND_COHORTS,
-    B2,
-    TAU,
-    as_list,
-    initial_params,
-    reference_inputs,
-    schedule,
-)
+from tests.algorithms.conftest import B2, TAU, as_list, initial_params, standard_rounds
 
 SIZES = [1, 479, 23, 64]
 IDS = [11, 3, 42, 7]
@@ -94,16 +86,13 @@ def test_one_round_of_the_flax_model_matches_numpy_loop(
     assert int(state.round) == 1
 
 
-def _reference_params(server_optimizer, num_rounds=len(ROUND_COHORTS)):
-    """The conftest cases' FedAvg family reference after ``num_rounds`` rounds."""
+def _reference_params(server_optimizer):
+    """The conftest cases' FedAvg-family reference after their three rounds."""
     params = as_list(initial_params())
-    for round_index in range(num_rounds):
-        data, ids = reference_inputs(round_index)
+    for inputs in standard_rounds():
         params, _ = references.fed_avg_round(
             params,
-            data,
-            ids,
-            schedule(round_index),
+            inputs.reference,
             loss_and_grad=references.softmax_regression_loss_and_grad,
             client_learning_rate=0.1,
             server_optimizer=server_optimizer,
@@ -118,9 +107,7 @@ class _RecordingYogi(references.ReddiAdaptiveServer):
 
     def __call__(self, params, pseudo_gradient):
         previous = self.v or [np.full_like(g, self.tau**2) for g in pseudo_gradient]
-        self.signs += tuple(
-            np.sign(v - g * g).ravel() for v, g in zip(previous, pseudo_gradient)
-        )
+        self.signs += tuple(np.sign(v - g * g).ravel() for v, g in zip(previous, pseudo_gradient))
         return super().__call__(params, pseudo_gradient)
 
 

@@ -79,9 +79,12 @@ def _share_variance_check(assignment, labels, num_clients, alpha):
     observed = float(((shares - p) ** 2).mean())
     a, total = alpha, num_clients * alpha
     expected = p * (1 - p) / (total + 1)
+
     # Per class, Q = sum_i share_i^2 has Var Q = N Var(s^2) + N (N - 1) Cov(s_i^2, s_j^2),
     # from E[s^2], E[s^4] and E[s_i^2 s_j^2] of Dirichlet(a * ones(N)).
-    rising = lambda x, n: np.prod([x + k for k in range(n)])  # noqa: E731
+    def rising(x, n):  # x (x + 1) ... (x + n - 1)
+        return np.prod([x + k for k in range(n)])
+
     m2 = rising(a, 2) / rising(total, 2)
     m4 = rising(a, 4) / rising(total, 4)
     m22 = rising(a, 2) ** 2 / rising(total, 4)

@@ -7,11 +7,14 @@ import signal
 import struct
 import subprocess
 import sys
-import time
+import threading
 from pathlib import Path
+from typing import Self
 
 import jax
 import numpy as np
+
+GUARD = 300.0  # seconds; a deadlock guard for subprocesses, never a timing assertion
 
 # Logistic regression on the embedded digits: about a second for 10 rounds.
 TINY_YAML = """\
@@ -41,39 +44,83 @@ def write_tiny_config(folder: Path, text: str = TINY_YAML) -> Path:
     return path
 
 
-def start_cli(arguments: list[str], fault: str | None, log: Path) -> subprocess.Popen:
-    """``python -m fedjaxsim.runner.cli ...`` in a new process, stderr/stdout to ``log``."""
-    env = dict(os.environ)
-    env.pop("FEDJAXSIM_FAULT", None)
-    if fault:
-        env["FEDJAXSIM_FAULT"] = fault
-    with open(log, "wb") as handle:
-        return subprocess.Popen(
+class CliRun:
+    """``python -m fedjaxsim.runner.cli ...`` in a new process, its output copied to ``log``.
+
+    A reader thread copies the combined stdout/stderr line by line, so a test
+    blocks until a given line appears (:meth:`wait_for_line`) instead of polling.
+    Use it as a context manager, so that a failing test kills the process.
+    """
+
+    def __init__(self, arguments: list[str], fault: str | None, log: Path):
+        env = dict(os.environ)
+        env.pop("FEDJAXSIM_FAULT", None)
+        if fault:
+            env["FEDJAXSIM_FAULT"] = fault
+        self.log = Path(log)
+        self.process = subprocess.Popen(
             [sys.executable, "-m", "fedjaxsim.runner.cli", *arguments],
-            stdout=handle,
+            stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             env=env,
         )
+        self._lines: list[str] = []
+        self._changed = threading.Condition()
+        self._ended = False
+        self._reader = threading.Thread(target=self._copy, daemon=True)
+        self._reader.start()
 
+    def _copy(self) -> None:
+        with self.process.stdout, open(self.log, "w", encoding="utf-8") as handle:
+            for raw in self.process.stdout:
+                line = raw.decode(errors="replace")
+                handle.write(line)
+                handle.flush()
+                with self._changed:
+                    self._lines.append(line)
+                    self._changed.notify_all()
+        with self._changed:
+            self._ended = True
+            self._changed.notify_all()
 
-def wait_for(condition, process: subprocess.Popen, log: Path, timeout: float = 120.0) -> None:
-    """Polls ``condition()`` until true; fails if the process exits first."""
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if process.poll() is not None:
-            raise AssertionError(
-                f"process exited with {process.returncode} before the condition held:\n"
-                + Path(log).read_text(errors="replace")
-            )
-        if time.monotonic() > deadline:
-            process.kill()
-            raise AssertionError("timed out:\n" + Path(log).read_text(errors="replace"))
-        time.sleep(0.05)
+    def wait_for_line(self, fragment: str) -> None:
+        """Blocks until the process prints a line containing ``fragment``.
 
+        Fails if the process ends first. ``GUARD`` only turns a hang into a
+        failure; it is not a timing assertion.
+        """
 
-def sigkill(process: subprocess.Popen) -> None:
-    os.kill(process.pid, signal.SIGKILL)
-    assert process.wait(timeout=30) == -signal.SIGKILL
+        def seen():
+            return any(fragment in line for line in self._lines)
+
+        with self._changed:
+            self._changed.wait_for(lambda: seen() or self._ended, timeout=GUARD)
+            if seen():
+                return
+            ended = self._ended
+        if not ended:
+            self.process.kill()
+        self._reader.join()
+        how = f"it exited with {self.process.wait()}" if ended else "the guard expired"
+        raise AssertionError(
+            f"the process printed no line with {fragment!r} ({how}):\n"
+            + self.log.read_text(errors="replace")
+        )
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        """Never leaves a (paused) process behind, whatever the test did."""
+        if self.process.poll() is None:
+            self.process.kill()
+            self.process.wait()
+        self._reader.join()
+
+    def sigkill(self) -> None:
+        os.kill(self.process.pid, signal.SIGKILL)
+        assert self.process.wait(timeout=GUARD) == -signal.SIGKILL
+        self._reader.join()  # the log is complete
 
 
 def checkpoint_leaves(checkpoint: Path) -> list[np.ndarray]:

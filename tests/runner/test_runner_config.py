@@ -59,12 +59,6 @@ REQUIRED = {
 }
 
 # Section keys whose fix is in the lead's config.py (see the report of issue 13).
-NESTED_KEY_BUG = pytest.mark.xfail(
-    strict=True,
-    reason="config.py: dacite reports an unknown key of a plain nested section without "
-    "its section (key 'roundz', not 'training.roundz') and without a did-you-mean; "
-    "config_from_dict should convert each dataclass section with _from_dict(cls, values[key], key)",
-)
 
 
 def _yaml(tmp_path, text):
@@ -280,13 +274,6 @@ def test_short_aliases_and_subcommands_match_the_dotted_keys():
     )
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="config.py parse_run_arguments: --data.name is pre-parsed as a selection flag and "
-    "a second data:tfds token is prepended, so tyro rejects the user's data:tfds "
-    "('Unrecognized options: data:tfds'); _selection_arguments should not add the "
-    "subcommand when the section's subcommand is already among the arguments",
-)
 def test_a_dataset_family_subcommand_takes_the_dataset_name_flag():
     subcommand, _ = parse_run_arguments(["data:tfds", "--data.name", "cifar10"])
     flag, _ = parse_run_arguments(["--dataset", "cifar10"])
@@ -296,12 +283,7 @@ def test_a_dataset_family_subcommand_takes_the_dataset_name_flag():
 @pytest.mark.parametrize(
     "text, key, fragment",
     [
-        pytest.param(
-            "training: {roundz: 5}",
-            "training.roundz",
-            "did you mean 'rounds'",
-            marks=NESTED_KEY_BUG,
-        ),
+        ("training: {roundz: 5}", "training.roundz", "did you mean 'rounds'"),
         ("trainin: {rounds: 5}", "trainin", "did you mean 'training'"),
         ("training: {rounds: ten}", "training.rounds", "expected an integer, got 'ten'"),
         ("training: {rounds: 1.5}", "training.rounds", "expected an integer, got 1.5"),
@@ -311,7 +293,7 @@ def test_a_dataset_family_subcommand_takes_the_dataset_name_flag():
             "algorithm.client_learning_rate",
             "expected a number",
         ),
-        pytest.param("training: 3", "training", "expected a mapping", marks=NESTED_KEY_BUG),
+        ("training: 3", "training", "expected a mapping"),
         ("algorithm: fedadam", "algorithm", "expected a mapping with a 'name'"),
         ("algorithm: {name: fedadamm}", "algorithm.name", "did you mean 'fedadam'"),
         ("data: {name: cifar}", "data.name", "did you mean 'cifar10'"),
@@ -323,7 +305,7 @@ def test_a_dataset_family_subcommand_takes_the_dataset_name_flag():
         (
             "algorithm: {name: fedadam, b1: 0.9, momentum: 0.9}",
             "algorithm.momentum",  # FedAvgM's key, not FedAdam's
-            "unknown key",
+            "It belongs to fedavgm, fednova, mime_lite",
         ),
         (
             "algorithm: {name: fedavg, proximal_mu: 0.1}",
@@ -556,8 +538,9 @@ class FedAvgNesterovConfig(BuildsAlgorithm):
 
     def build(self, loss_fn, num_total_clients):
         del num_total_clients
-        check_real("server_momentum", self.server_momentum, minimum=0.0, maximum=1.0,
-                   strict_maximum=True)
+        check_real(
+            "server_momentum", self.server_momentum, minimum=0.0, maximum=1.0, strict_maximum=True
+        )
         return fedjaxsim.fed_avg(
             loss_fn,
             optax.sgd(self.client_learning_rate),
@@ -603,8 +586,9 @@ def test_adding_an_algorithm_takes_one_dataclass_and_one_registry_entry(
         assert from_cli == from_yaml
     assert toy.resolve(from_yaml, backend="cpu").algorithm == from_yaml.algorithm
     with pytest.raises(toy.ConfigError) as error:  # the config's own check, named
-        toy.validate(toy.config_from_dict({"algorithm": {"name": "fedavg_nesterov",
-                                                          "server_momentum": 1.0}}))
+        toy.validate(
+            toy.config_from_dict({"algorithm": {"name": "fedavg_nesterov", "server_momentum": 1.0}})
+        )
     assert error.value.key == "algorithm.server_momentum"
     with pytest.raises(toy.ConfigError) as error:
         toy.config_from_dict({"algorithm": {"name": "fedavg_nesterov", "server_momentun": 0.5}})
@@ -613,13 +597,16 @@ def test_adding_an_algorithm_takes_one_dataclass_and_one_registry_entry(
 
     # It builds, and trains: from zero server momentum, a Nesterov SGD step of
     # size 1 moves the model (1 + m) times FedAvg's mean client delta.
+    from fedjaxsim.core.packing import PackingConfig, pack_cohort
     from fedjaxsim.testing import run_rounds, synthetic_clients
 
-    from fedjaxsim.core.packing import PackingConfig, pack_cohort
-
     cohort = pack_cohort(
-        synthetic_clients([7, 12, 5]), [0, 1, 2], PackingConfig(batch_size=4, num_epochs=1),
-        seed=0, round_index=0, num_total_clients=10,
+        synthetic_clients([7, 12, 5]),
+        [0, 1, 2],
+        PackingConfig(batch_size=4, num_epochs=1),
+        seed=0,
+        round_index=0,
+        num_total_clients=10,
     )
     momentum = from_yaml.algorithm.server_momentum
     nesterov = from_yaml.algorithm.build(logreg_loss, 10)
@@ -627,8 +614,9 @@ def test_adding_an_algorithm_takes_one_dataclass_and_one_registry_entry(
     moved = {}
     for label, algorithm in (("nesterov", nesterov), ("plain", plain)):
         state, _, _ = run_rounds(algorithm, logreg_params, [cohort], num_total_clients=10)
-        moved[label] = jax.tree.map(lambda a, b: np.asarray(a, np.float64) - b,
-                                    state.params, logreg_params)
+        moved[label] = jax.tree.map(
+            lambda a, b: np.asarray(a, np.float64) - b, state.params, logreg_params
+        )
     for got, want in zip(jax.tree.leaves(moved["nesterov"]), jax.tree.leaves(moved["plain"])):
         assert np.max(np.abs(want)) > 1e-3
         np.testing.assert_allclose(got, (1 + momentum) * want, rtol=1e-5, atol=1e-7)
@@ -642,13 +630,16 @@ def test_config_code_has_no_per_algorithm_branches():
     for path in (RUNNER / "config.py", RUNNER / "components.py"):
         tree = ast.parse(path.read_text())
         strings = {
-            node.value for node in ast.walk(tree)
+            node.value
+            for node in ast.walk(tree)
             if isinstance(node, ast.Constant) and isinstance(node.value, str)
         }
         assert not strings & set(ALGORITHMS), path
         names = {node.id for node in ast.walk(tree) if isinstance(node, ast.Name)}
         names |= {
-            alias.name for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)
+            alias.name
+            for node in ast.walk(tree)
+            if isinstance(node, ast.ImportFrom)
             for alias in node.names
         }
         assert names & classes <= {default}, (path, names & classes)

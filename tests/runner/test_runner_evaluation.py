@@ -1,4 +1,7 @@
-"""Per-client evaluation against a float64 NumPy loop over clients and examples."""
+"""Per-client evaluation against a float64 NumPy loop over clients and examples.
+
+(``client_distribution`` itself is tested in tests/core.)
+"""
 
 import math
 
@@ -7,26 +10,15 @@ import numpy as np
 import pytest
 
 from fedjaxsim.models import get_model
-from fedjaxsim.runner.evaluation import (
-    build_per_client_eval,
-    client_distribution,
-    pack_eval_clients,
-    per_client_record,
-)
+from fedjaxsim.runner.evaluation import build_per_client_eval, pack_eval_clients, per_client_record
+from fedjaxsim.testing import synthetic_clients
 
 NUM_CLASSES = 4
 NUM_FEATURES = 6
 
 
 def _clients(sizes, seed=0):
-    rng = np.random.default_rng(seed)
-    centers = rng.normal(size=(NUM_CLASSES, NUM_FEATURES)) * 1.5
-    clients = []
-    for n in sizes:
-        y = rng.integers(0, NUM_CLASSES, size=n).astype(np.int32)
-        x = (centers[y] + rng.normal(size=(n, NUM_FEATURES))).astype(np.float32)
-        clients.append({"x": x, "y": y})
-    return clients
+    return synthetic_clients(sizes, seed=seed, num_features=NUM_FEATURES, num_classes=NUM_CLASSES)
 
 
 def _numpy_client_metrics(params, clients):
@@ -95,16 +87,6 @@ def test_per_client_evaluation_compiles_once():
         params = model.init(jax.random.key(seed), np.zeros((1, NUM_FEATURES), np.float32))
         jax.block_until_ready(evaluate(params, batches))
     assert evaluate._cache_size() == 1
-
-
-def test_distribution_of_a_known_vector():
-    values = [0.5, 0.0, 1.0, 0.25, 0.75]
-    stats = client_distribution(values)
-    assert stats == {"mean": 0.5, "p10": 0.1, "p50": 0.5, "p90": 0.9, "worst10_mean": 0.0}
-    assert client_distribution([0.3])["worst10_mean"] == 0.3
-    assert client_distribution([1.0, 2.0], higher_is_better=False)["worst10_mean"] == 2.0
-    with pytest.raises(ValueError, match="non-empty"):
-        client_distribution([])
 
 
 def test_natural_test_clients_end_to_end(tmp_path):

@@ -49,7 +49,11 @@ def test_every_round_logs_the_documented_fields(tiny_run):
         assert 0 < record["mean_update_norm"] <= record["max_update_norm"]
         assert record["examples"] > 0 and record["nonfinite_updates"] == 0
         # The round's wall time covers its parts (packing overlaps the previous round).
-        parts = record["exposed_pack_seconds"] + record["compute_seconds"] + record.get("eval_seconds", 0.0)
+        parts = (
+            record["exposed_pack_seconds"]
+            + record["compute_seconds"]
+            + record.get("eval_seconds", 0.0)
+        )
         assert record["round_seconds"] >= parts
     elapsed = [r["elapsed_seconds"] for r in records]
     assert elapsed == sorted(elapsed)

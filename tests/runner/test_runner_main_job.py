@@ -48,7 +48,7 @@ def test_default_job_reaches_ninety_percent(default_run):
 
 def test_examples_per_round_match_the_sampled_clients(default_run):
     config = ExperimentConfig()
-    dataset = federated_digits(config.data.num_clients or 100, 0.5, seed=config.seed)
+    dataset = federated_digits(config.data.num_clients, config.data.alpha, seed=config.seed)
     sizes = dataset.train.num_examples
     for record in read_metrics(default_run / "metrics.jsonl")[:10]:
         ids = sample_uniform(

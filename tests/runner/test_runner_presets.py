@@ -1,10 +1,19 @@
 """Every preset in configs/ parses and resolves to the published setup it documents."""
 
+import dataclasses
+import re
+import shlex
 from pathlib import Path
 
 import pytest
 
-from fedjaxsim.runner.config import ExperimentConfig, load_config, resolve
+from fedjaxsim.runner.config import (
+    ExperimentConfig,
+    flatten,
+    load_config,
+    parse_run_arguments,
+    resolve,
+)
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 
@@ -20,9 +29,14 @@ REDDI = {
 }
 
 
+# The robust-aggregation demo: a fifth of the 100 digits clients send -10x
+# their update (sign flipping); the server averages, or takes the median.
+SIGN_FLIP = {"digits_sign_flip_mean": "mean", "digits_sign_flip_median": "median"}
+
+
 def test_every_preset_is_covered():
     names = {path.stem for path in CONFIGS.glob("*.yaml")}
-    assert names == set(REDDI) | {"fedjax_emnist_benchmark", "digits_fedavg"}
+    assert names == set(REDDI) | {"fedjax_emnist_benchmark", "digits_fedavg"} | set(SIGN_FLIP)
 
 
 @pytest.mark.parametrize("name", sorted(REDDI))
@@ -64,3 +78,31 @@ def test_digits_preset_is_the_embedded_default():
     assert resolve(load_config(CONFIGS / "digits_fedavg.yaml"), backend="cpu") == resolve(
         ExperimentConfig(), backend="cpu"
     )
+
+
+@pytest.mark.parametrize("name", sorted(SIGN_FLIP))
+def test_sign_flip_presets(name, monkeypatch):
+    path = CONFIGS / f"{name}.yaml"
+    config = resolve(load_config(path), backend="cpu")
+    assert (config.data.name, config.data.num_clients) == ("digits", 100)
+    assert config.aggregator.name == SIGN_FLIP[name]
+    attack = config.attack
+    assert (attack.name, attack.fraction, attack.scale) == ("sign_flip", 0.2, 10.0)
+    assert config.training.cohort_size * attack.fraction == 2  # two attackers per cohort on average
+    assert config.output_dir == f"runs/{name.replace('_', '-')}"
+    # The two presets differ in the aggregator (and the output folder) only.
+    other = load_config(CONFIGS / f"{(set(SIGN_FLIP) - {name}).pop()}.yaml")
+    different = {
+        key
+        for key, value in flatten(dataclasses.asdict(load_config(path))).items()
+        if flatten(dataclasses.asdict(other)).get(key) != value
+    }
+    assert different == {"aggregator.name", "output_dir"}
+    # The commands in the preset's comments parse, from the repository root.
+    monkeypatch.chdir(CONFIGS.parent)
+    text = path.read_text().replace("\\\n#", " ")
+    commands = re.findall(r"^#\s+fedjaxsim run (.*)$", text, flags=re.MULTILINE)
+    assert commands
+    for command in commands:
+        parsed, _ = parse_run_arguments(shlex.split(command))
+        assert parsed.attack.name in ("sign_flip", "none")

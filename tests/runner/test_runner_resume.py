@@ -7,14 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from runner_helpers import (
-    assert_bitwise_equal,
-    checkpoint_leaves,
-    sigkill,
-    start_cli,
-    wait_for,
-    write_tiny_config,
-)
+from runner_helpers import CliRun, assert_bitwise_equal, checkpoint_leaves, write_tiny_config
 
 from fedjaxsim.runner.cli import main
 from fedjaxsim.runner.config import ConfigError, load_config, replace
@@ -38,13 +31,14 @@ def test_sigkill_after_a_checkpoint_then_resume_is_bit_identical(tiny_run, tmp_p
     metrics = killed / "metrics.jsonl"
     # Pause after round 7: checkpoint 5 is committed and rounds 6-7 are logged
     # past it; the resumed run must drop them and redo them identically.
-    process = start_cli(
+    with CliRun(
         ["run", "--config", str(config_path), "--output-dir", str(killed)],
         fault="pause_after_round=7",
         log=log,
-    )
-    wait_for(lambda: metrics.is_file() and len(read_metrics(metrics)) == 7, process, log)
-    sigkill(process)
+    ) as run:
+        run.wait_for_line("paused after round 7")
+        assert len(read_metrics(metrics)) == 7  # round 7 is logged before the pause
+        run.sigkill()
     assert "round/s" not in log.read_text()  # logging.progress: false -> no progress bar
     assert sorted(p.name for p in (killed / "checkpoints").iterdir()) == ["5"]
     assert not (killed / "summary.json").exists()
@@ -68,15 +62,13 @@ def test_a_kill_during_a_save_keeps_the_last_good_checkpoint(tiny_run, tmp_path)
     crashed = tmp_path / "crashed"
     log = tmp_path / "log.txt"
     checkpoints = crashed / "checkpoints"
-    process = start_cli(
+    with CliRun(
         ["run", "--config", str(config_path), "--output-dir", str(crashed)],
         fault="hang_in_save=10",
         log=log,
-    )
-    wait_for(
-        lambda: "inside the save of checkpoint 10" in log.read_text(errors="replace"), process, log
-    )
-    sigkill(process)
+    ) as run:
+        run.wait_for_line("inside the save of checkpoint 10")
+        run.sigkill()
     names = sorted(p.name for p in checkpoints.iterdir())
     # The save of round 10 had started (its temporary folder exists) but never
     # committed; round 5 is the latest good checkpoint.
@@ -159,6 +151,29 @@ def test_resume_refuses_a_different_config_before_any_work(tiny_run, tmp_path, c
     err = capsys.readouterr().err
     assert "training.cohort_size: 5 in the checkpoint, 6 now" in err
     assert "another --output-dir" in err
+    assert (copy / "metrics.jsonl").read_bytes() == before
+
+
+def test_resume_refuses_a_checkpoint_of_another_format(tiny_run, tmp_path, capsys):
+    """A run saved by an older fedjaxsim (another server-state layout and
+    config schema) is refused by its format, before its config is read."""
+    import shutil
+
+    from fedjaxsim.runner.checkpoints import FORMAT_VERSION
+
+    config_path, straight = tiny_run
+    copy = tmp_path / "copy"
+    shutil.copytree(straight, copy)
+    for meta in (copy / "checkpoints").glob("*/meta/metadata"):
+        values = json.loads(meta.read_text())
+        values["format"] = FORMAT_VERSION - 1
+        values["config"]["algorithm"]["momentum"] = None  # the old flat algorithm section
+        meta.write_text(json.dumps(values))
+    before = (copy / "metrics.jsonl").read_bytes()
+    assert main(["run", "--config", str(config_path), "--output-dir", str(copy)]) == 2
+    err = capsys.readouterr().err
+    assert f"holds checkpoints of format {FORMAT_VERSION - 1}" in err
+    assert "use another output folder" in err
     assert (copy / "metrics.jsonl").read_bytes() == before
 
 

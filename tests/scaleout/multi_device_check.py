@@ -21,6 +21,13 @@ from fedjaxsim.models.zoo import LogisticRegression
 from fedjaxsim.testing import synthetic_clients
 
 
+def max_difference(first, second) -> float:
+    return max(
+        float(np.max(np.abs(np.asarray(a) - np.asarray(b))))
+        for a, b in zip(jax.tree.leaves(first), jax.tree.leaves(second))
+    )
+
+
 def main():
     assert len(jax.devices()) == 8, jax.devices()
     sizes = [1, 7, 23, 4, 16, 9, 30, 2, 11, 5, 13]  # 11 clients: never divides 2 or 8
@@ -36,8 +43,15 @@ def main():
         round_fn = build_round(algorithm, plan, mesh=mesh)
         state = algorithm.init(params)
         for r in range(3):
-            cohort = pack_cohort(clients, ids, config, seed=0, round_index=r, num_total_clients=200,
-                                 num_lanes=num_lanes)
+            cohort = pack_cohort(
+                clients,
+                ids,
+                config,
+                seed=0,
+                round_index=r,
+                num_total_clients=200,
+                num_lanes=num_lanes,
+            )
             state, out = round_fn(state, shard_cohort(cohort, mesh), jax.random.key(r))
         return jax.device_get(state.params), jax.device_get(out.client_metrics)
 
@@ -50,12 +64,14 @@ def main():
             "lanes": (ExecutionPlan(clients_per_chunk=2), 4),  # clients one after another
         }.items():
             got, metrics = train(devices, plan, num_lanes)
-            difference = max(
-                float(np.max(np.abs(a - b))) for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(reference))
+            examples_equal = np.array_equal(
+                metrics["num_examples"], reference_metrics["num_examples"]
             )
-            examples_equal = bool(np.array_equal(metrics["num_examples"], reference_metrics["num_examples"]))
-            report[f"{devices}:{name}"] = {"max_difference": difference, "examples_equal": examples_equal}
-    moved = max(float(np.max(np.abs(a - b))) for a, b in zip(jax.tree.leaves(reference), jax.tree.leaves(params)))
+            report[f"{devices}:{name}"] = {
+                "max_difference": max_difference(got, reference),
+                "examples_equal": bool(examples_equal),
+            }
+    moved = max_difference(reference, params)
     print(json.dumps({"report": report, "moved": moved}))
 
 

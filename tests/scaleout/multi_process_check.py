@@ -52,16 +52,25 @@ def main():
         ids = sample_uniform(seed=1, round_index=r, num_total_clients=len(clients), cohort_size=9)
         share = process_block(len(ids), jax.process_index(), jax.process_count())
         local = pack_process_share(
-            [clients[int(ids[i])] for i in share], ids, [len(clients[int(i)]["y"]) for i in ids],
-            config, seed=1, round_index=r, num_total_clients=len(clients),
-            process_index=jax.process_index(), process_count=jax.process_count(),
-            local_device_count=jax.local_device_count(), lanes_per_process=lanes_per_process,
+            [clients[int(ids[i])] for i in share],
+            ids,
+            [len(clients[int(i)]["y"]) for i in ids],
+            config,
+            seed=1,
+            round_index=r,
+            num_total_clients=len(clients),
+            process_index=jax.process_index(),
+            process_count=jax.process_count(),
+            local_device_count=jax.local_device_count(),
+            lanes_per_process=lanes_per_process,
         )
         state, out = round_fn(state, assemble_global_cohort(local, mesh), jax.random.key(r))
         gathered = multihost_utils.process_allgather(out.client_metrics["num_examples"], tiled=True)
         examples.append(np.asarray(gathered).tolist())
     # Server state is replicated: every process holds a full copy.
-    leaves = [np.asarray(leaf.addressable_data(0)).tolist() for leaf in jax.tree.leaves(state.params)]
+    leaves = [
+        np.asarray(leaf.addressable_data(0)).tolist() for leaf in jax.tree.leaves(state.params)
+    ]
     print(json.dumps({"process": jax.process_index(), "params": leaves, "examples": examples}))
 
 

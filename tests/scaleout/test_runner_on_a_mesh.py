@@ -9,6 +9,8 @@ from pathlib import Path
 
 import numpy as np
 
+from fedjaxsim.runner.config import load_config, replace
+from fedjaxsim.runner.experiment import run_experiment
 from tests.runner.runner_helpers import TINY_YAML
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -24,7 +26,9 @@ def _cli(arguments, devices=2, rounds=None):
     command = [sys.executable, "-m", "fedjaxsim.runner.cli", "run", *arguments]
     if rounds is not None:
         command += ["--training.rounds", str(rounds)]
-    return subprocess.run(command, capture_output=True, text=True, env=environment, cwd=ROOT, timeout=600)
+    return subprocess.run(
+        command, capture_output=True, text=True, check=False, env=environment, cwd=ROOT, timeout=600
+    )
 
 
 def _metrics(folder):
@@ -39,7 +43,8 @@ def test_two_devices_match_one_and_resume_exactly(tmp_path):
     # Evaluate every 5 rounds so that the 5-round first leg (which evaluates
     # after its last round) logs what the straight run logs.
     base = ["--config", str(config), "--evaluation.every", "5"]
-    assert _cli([*base, "--output-dir", str(one)]).returncode == 0
+    # The one-device reference runs in this process (one CPU device).
+    run_experiment(replace(load_config(config), output_dir=str(one), **{"evaluation.every": 5}))
     result = _cli([*base, "--output-dir", str(two), "--execution.num-devices", "2"])
     assert result.returncode == 0, result.stderr[-2000:]
     # Interrupted after 5 rounds (checkpoint at 5), then resumed to 10, on the mesh.
@@ -60,25 +65,49 @@ def test_two_devices_match_one_and_resume_exactly(tmp_path):
 def test_more_devices_than_present_is_a_config_error(tmp_path):
     config = tmp_path / "tiny.yaml"
     config.write_text(TINY_YAML)
-    result = _cli(["--config", str(config), "--output-dir", str(tmp_path / "out"),
-                   "--execution.num-devices", "4"], devices=2)
+    result = _cli(
+        [
+            "--config",
+            str(config),
+            "--output-dir",
+            str(tmp_path / "out"),
+            "--execution.num-devices",
+            "4",
+        ],
+        devices=2,
+    )
     assert result.returncode == 2
-    assert "execution.num_devices" in result.stderr and "xla_force_host_platform_device_count" in result.stderr
+    assert "execution.num_devices" in result.stderr
+    assert "xla_force_host_platform_device_count" in result.stderr
     assert not (tmp_path / "out").exists()
 
 
 def test_cli_splits_the_host_into_one_device_per_core_and_one_lane_per_device(tmp_path):
     """Without XLA_FLAGS, `fedjaxsim run` makes one XLA:CPU device per core, so
-    --execution.num-devices 2 works out of the box; the CPU plan's one lane
-    becomes one lane per device."""
+    --execution.num-devices 2 works out of the box, and the CPU packing
+    default (default_num_lanes) puts one lane on each device."""
     from fedjaxsim.runner.platform import default_host_device_count
 
     config = tmp_path / "tiny.yaml"
     config.write_text(TINY_YAML)
     environment = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "FEDJAXSIM_FAULT")}
-    command = [sys.executable, "-m", "fedjaxsim.runner.cli", "run", "--config", str(config),
-               "--output-dir", str(tmp_path / "out"), "--execution.num-devices", "2", "--training.rounds", "2"]
-    result = subprocess.run(command, capture_output=True, text=True, env=environment, cwd=ROOT, timeout=600)
+    command = [
+        sys.executable,
+        "-m",
+        "fedjaxsim.runner.cli",
+        "run",
+        "--config",
+        str(config),
+        "--output-dir",
+        str(tmp_path / "out"),
+        "--execution.num-devices",
+        "2",
+        "--training.rounds",
+        "2",
+    ]
+    result = subprocess.run(
+        command, capture_output=True, text=True, check=False, env=environment, cwd=ROOT, timeout=600
+    )
     if default_host_device_count() < 2:
         assert result.returncode == 2 and "execution.num_devices" in result.stderr
         return

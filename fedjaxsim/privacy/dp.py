@@ -68,7 +68,7 @@ import optax
 from fedjaxsim.algorithms.fed_avg import fed_avg
 from fedjaxsim.core.aggregators import Aggregator, Contribution, average, weigh
 from fedjaxsim.core.algorithm import Algorithm, with_aggregator
-from fedjaxsim.core.trees import tree_l2_norm, tree_scale
+from fedjaxsim.core.trees import clip_by_global_norm, split_like
 from fedjaxsim.core.types import PerExampleLossFn, PyTree
 from fedjaxsim.core.validation import InvalidArgument, check_int, check_real
 
@@ -105,40 +105,6 @@ class DpAggregatorState(NamedTuple):
     clip_norm: jax.Array  # float32[]: the clip norm C used by the next round
     denominator: jax.Array  # float32[]: the fixed denominator, the expected total weight
     round: jax.Array  # int32[]: rounds aggregated so far (indexes the epsilon schedule)
-
-
-def clip_by_global_norm(update: PyTree, clip_norm) -> tuple[PyTree, jax.Array]:
-    """Scales ``update`` to global L2 norm at most ``clip_norm``.
-
-    Args:
-      update: a pytree of float arrays.
-      clip_norm: float32[] ``C > 0`` (``inf`` clips nothing).
-
-    Returns:
-      ``(clipped, norm)``: ``update * min(1, C / ||update||)`` and the norm
-      before clipping (float32[]). An update within the bound is returned
-      unchanged, bit for bit (it is multiplied by exactly 1).
-    """
-    norm = tree_l2_norm(update)
-    clip_norm = jnp.asarray(clip_norm, jnp.float32)
-    over = norm > clip_norm
-    scale = jnp.where(over, clip_norm / jnp.where(over, norm, 1.0), 1.0)
-    return tree_scale(update, scale), norm
-
-
-def split_like(vector: jax.Array, tree: PyTree) -> PyTree:
-    """Cuts a flat ``vector`` into a pytree shaped like ``tree``, in leaf order.
-
-    Random draws for a whole pytree are made as one flat vector and cut with
-    this: every draw compiles its own PRNG kernel, so one draw per leaf made a
-    round of a many-leaf model several times slower to compile.
-    """
-    leaves, treedef = jax.tree.flatten(tree)
-    ends = np.cumsum([math.prod(leaf.shape) for leaf in leaves])
-    parts = jnp.split(vector, ends[:-1]) if leaves else []
-    return jax.tree.unflatten(
-        treedef, [part.reshape(leaf.shape) for part, leaf in zip(parts, leaves)]
-    )
 
 
 def add_gaussian_noise(tree: PyTree, stddev, rng: jax.Array) -> PyTree:
