@@ -34,16 +34,28 @@ def throughput_sample(tree: Path, model: str, cohort: int, host_devices: int) ->
     """One ``throughput.py`` run of ``tree`` (one repeat); its JSON record."""
     environment = dict(os.environ, PYTHONPATH=str(tree))
     command = [
-        sys.executable, str(tree / "benchmarks" / "throughput.py"), "--model", model,
-        "--cohort", str(cohort), "--repeats", "1", "--host-devices", str(host_devices),
+        sys.executable,
+        str(tree / "benchmarks" / "throughput.py"),
+        "--model",
+        model,
+        "--cohort",
+        str(cohort),
+        "--repeats",
+        "1",
+        "--host-devices",
+        str(host_devices),
     ]
-    result = subprocess.run(command, cwd=tree, env=environment, capture_output=True, text=True, check=True)
+    result = subprocess.run(
+        command, cwd=tree, env=environment, capture_output=True, text=True, check=True
+    )
     lines = [line for line in result.stdout.splitlines() if line.startswith("{")]
     return json.loads(lines[-1])
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--base", required=True, help="git revision to compare against")
     parser.add_argument("--model", default="logreg,dense,cnn")
     parser.add_argument("--cohort", type=int, default=10)
@@ -63,7 +75,9 @@ def main(argv=None):
         base_tree = Path(scratch) / "base"
         subprocess.run(
             ["git", "worktree", "add", "--detach", str(base_tree), args.base],
-            cwd=ROOT, check=True, capture_output=True,
+            cwd=ROOT,
+            check=True,
+            capture_output=True,
         )
         try:
             trees = {"base": base_tree, "head": ROOT}
@@ -72,25 +86,47 @@ def main(argv=None):
                 for index in range(args.samples):
                     order = ("base", "head") if index % 2 == 0 else ("head", "base")
                     for revision in order:
-                        record = throughput_sample(trees[revision], model, args.cohort, args.host_devices)
+                        record = throughput_sample(
+                            trees[revision], model, args.cohort, args.host_devices
+                        )
                         samples[revision].append(record)
-                        emit({"revision": revision, "rev": args.base if revision == "base" else "HEAD",
-                              "sample": index, **record})
+                        emit(
+                            {
+                                "revision": revision,
+                                "rev": args.base if revision == "base" else "HEAD",
+                                "sample": index,
+                                **record,
+                            }
+                        )
                 paired = [
                     head["examples_per_s"] / base["examples_per_s"]
                     for head, base in zip(samples["head"], samples["base"])
                 ]
-                summary = {"summary": True, "model": model, "cohort": args.cohort, "base": args.base,
-                           "host_devices": args.host_devices, "samples": args.samples,
-                           "head_over_base": round(statistics.median(paired), 3),
-                           "head_over_base_samples": [round(r, 3) for r in paired]}
+                summary = {
+                    "summary": True,
+                    "model": model,
+                    "cohort": args.cohort,
+                    "base": args.base,
+                    "host_devices": args.host_devices,
+                    "samples": args.samples,
+                    "head_over_base": round(statistics.median(paired), 3),
+                    "head_over_base_samples": [round(r, 3) for r in paired],
+                }
                 for revision, records in samples.items():
-                    summary[f"{revision}_examples_per_s"] = statistics.median(r["examples_per_s"] for r in records)
-                    summary[f"{revision}_ratio_to_limit"] = statistics.median(r["ratio_to_limit"] for r in records)
-                    summary[f"{revision}_compile_s"] = statistics.median(r["compile_s"] for r in records)
+                    summary[f"{revision}_examples_per_s"] = statistics.median(
+                        r["examples_per_s"] for r in records
+                    )
+                    summary[f"{revision}_ratio_to_limit"] = statistics.median(
+                        r["ratio_to_limit"] for r in records
+                    )
+                    summary[f"{revision}_compile_s"] = statistics.median(
+                        r["compile_s"] for r in records
+                    )
                 emit(summary)
         finally:
-            subprocess.run(["git", "worktree", "remove", "--force", str(base_tree)], cwd=ROOT, check=False)
+            subprocess.run(
+                ["git", "worktree", "remove", "--force", str(base_tree)], cwd=ROOT, check=False
+            )
 
 
 if __name__ == "__main__":

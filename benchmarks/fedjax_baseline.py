@@ -79,9 +79,8 @@ import sys
 import time
 
 import fedjax
-from fedjax.algorithms import fed_avg
 import jax
-import numpy as np
+from fedjax.algorithms import fed_avg
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from emnist_lookalike import EmnistLookalike  # noqa: E402  pylint: disable=g-import-not-at-top

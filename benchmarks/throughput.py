@@ -65,7 +65,11 @@ from fedjaxsim.core.losses import classification_loss  # noqa: E402
 from fedjaxsim.core.packing import PackingConfig, default_num_lanes, pack_cohort  # noqa: E402
 from fedjaxsim.core.sharding import client_mesh, replicated, shard_cohort  # noqa: E402
 from fedjaxsim.models import default_lowering, get_model  # noqa: E402
-from fedjaxsim.runner.platform import RECOMMENDED_YNN_FUSION_TYPES, configure_xla_cpu, default_host_device_count  # noqa: E402
+from fedjaxsim.runner.platform import (  # noqa: E402
+    RECOMMENDED_YNN_FUSION_TYPES,
+    configure_xla_cpu,
+    default_host_device_count,
+)
 
 
 class Layout(NamedTuple):

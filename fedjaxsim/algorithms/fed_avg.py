@@ -248,8 +248,8 @@ def _adaptive_builder(second_moment: str, name: str):
     build.__name__ = build.__qualname__ = name.lower().replace("fed", "fed_")
     build.__doc__ = (
         f"{name} (Reddi et al. 2020), defaults tuned there for EMNIST CNN.\n\n"
-        "``eps`` is the adaptivity ``tau``; ``form`` is ``\"bias_corrected\"`` or\n"
-        "``\"paper\"`` (module docstring)."
+        '``eps`` is the adaptivity ``tau``; ``form`` is ``"bias_corrected"`` or\n'
+        '``"paper"`` (module docstring).'
     )
     return build
 

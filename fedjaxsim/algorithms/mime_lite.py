@@ -66,7 +66,9 @@ class MimeLiteLocalState(NamedTuple):
     params: Params  # float32 pytree like params: the client's model y
     server_params: Params  # float32 pytree like params: x, where the full-batch gradient is taken
     server_opt_state: optax.OptState  # s, applied but never updated locally
-    server_gradient_sum: Params  # float32 pytree like params: sum over real examples of grad loss(x)
+    server_gradient_sum: (
+        Params  # float32 pytree like params: sum over real examples of grad loss(x)
+    )
     num_examples: jax.Array  # float32[]: real examples in server_gradient_sum
 
 
@@ -157,7 +159,9 @@ def mime_lite(
             "server_update_norm": tree_l2_norm(aggregate.update),
             "server_gradient_norm": tree_l2_norm(gradient),
         }
-        new_state = server_state._replace(params=params, opt_state=opt_state, round=server_state.round + 1)
+        new_state = server_state._replace(
+            params=params, opt_state=opt_state, round=server_state.round + 1
+        )
         return new_state, metrics
 
     return Algorithm(

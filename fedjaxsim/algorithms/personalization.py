@@ -99,7 +99,9 @@ def personalized_evaluation(
         model_batch = {name: value for name, value in batch.items() if name != TEST_FLAG}
         # A test step has no training example: its gradient is exactly zero.
         train_mask = jnp.logical_and(mask, ~is_test)
-        _, grads = local_loss_and_grads(per_example_loss_fn, local.params, model_batch, train_mask, rng)
+        _, grads = local_loss_and_grads(
+            per_example_loss_fn, local.params, model_batch, train_mask, rng
+        )
         stats = {
             f"{name}_sum": jnp.sum(jnp.where(test_mask, fn(local.params, model_batch), 0.0))
             for name, fn in metric_fns.items()

@@ -114,7 +114,9 @@ def q_ffl(
         loss_power_q = jnp.power(loss, q)
         curvature = lipschitz_constant * loss_power_q
         if q:  # q F^(q-1) ||dw||^2; the term vanishes (exactly) at q = 0
-            curvature = curvature + q * jnp.power(loss, q - 1.0) * tree_squared_norm(gradient_estimate)
+            curvature = curvature + q * jnp.power(loss, q - 1.0) * tree_squared_norm(
+                gradient_estimate
+            )
         return ClientOutput(
             update=jax.tree.map(lambda d: loss_power_q * d, gradient_estimate),
             metrics={

@@ -123,7 +123,9 @@ def scaffold(
     def client_step(local: ScaffoldLocalState, batch, mask, rng):
         loss_sum, grads = local_loss_and_grads(per_example_loss_fn, local.params, batch, mask, rng)
         params = sgd_step(local.params, tree_add(grads, local.correction), client_learning_rate)
-        return local._replace(params=params, num_steps=local.num_steps + 1), step_stats(loss_sum, mask)
+        return local._replace(params=params, num_steps=local.num_steps + 1), step_stats(
+            loss_sum, mask
+        )
 
     def client_finalize(server: ScaffoldBroadcast, local: ScaffoldLocalState) -> ClientOutput:
         delta = tree_subtract(server.params, local.params)
@@ -154,7 +156,9 @@ def scaffold(
             "server_update_norm": tree_l2_norm(aggregate.update),
             "server_control_norm": tree_l2_norm(control),
         }
-        new_state = server_state._replace(params=params, control=control, round=server_state.round + 1)
+        new_state = server_state._replace(
+            params=params, control=control, round=server_state.round + 1
+        )
         return new_state, metrics
 
     return Algorithm(

@@ -69,7 +69,9 @@ class Algorithm(NamedTuple):
     client_init: Callable[..., PyTree]  # (broadcast, client_state, rng) -> local
     client_step: Callable[..., tuple[PyTree, dict]]  # (local, batch, mask, rng) -> (local, stats)
     client_finalize: Callable[[PyTree, PyTree], ClientOutput]  # (broadcast, local) -> output
-    server_update: Callable[..., tuple[PyTree, dict]]  # (server_state, aggregate, rng) -> (state, metrics)
+    server_update: Callable[
+        ..., tuple[PyTree, dict]
+    ]  # (server_state, aggregate, rng) -> (state, metrics)
     aggregator: Aggregator = weighted_mean()
     # (params) -> one client's state before it is first trained; None when stateless.
     initial_client_state: Callable[[PyTree], PyTree] | None = None

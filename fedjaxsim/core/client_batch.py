@@ -30,8 +30,12 @@ class Cohort(NamedTuple):
 
     data: PyTree  # dict of arrays: any[num_lanes, num_steps, batch_size, ...]
     mask: jax.Array | np.ndarray  # bool[num_lanes, num_steps, batch_size]
-    step_position: jax.Array | np.ndarray  # int32[num_lanes, num_steps]: lane position of the step's client
-    lane_clients: jax.Array | np.ndarray  # int32[num_lanes, clients_per_lane]: cohort index per position
+    step_position: (
+        jax.Array | np.ndarray
+    )  # int32[num_lanes, num_steps]: lane position of the step's client
+    lane_clients: (
+        jax.Array | np.ndarray
+    )  # int32[num_lanes, clients_per_lane]: cohort index per position
     weight: jax.Array | np.ndarray  # float32[num_clients]
     client_id: jax.Array | np.ndarray  # int32[num_clients]: population ids
 

@@ -61,9 +61,7 @@ class PackingConfig:
         if self.max_steps is not None and (
             not isinstance(self.max_steps, int) or self.max_steps < 1
         ):
-            raise ValueError(
-                f"max_steps must be None or a positive int, got {self.max_steps!r}"
-            )
+            raise ValueError(f"max_steps must be None or a positive int, got {self.max_steps!r}")
         if self.step_bucket not in ("pow2", "geometric", "exact") and not (
             isinstance(self.step_bucket, int) and self.step_bucket >= 1
         ):
@@ -72,9 +70,7 @@ class PackingConfig:
                 f"got {self.step_bucket!r}"
             )
         if self.weighting not in WEIGHTINGS:
-            raise ValueError(
-                f"weighting must be one of {WEIGHTINGS}, got {self.weighting!r}"
-            )
+            raise ValueError(f"weighting must be one of {WEIGHTINGS}, got {self.weighting!r}")
 
     def steps_for(self, num_examples: int) -> int:
         """Real local steps of a client holding ``num_examples`` examples."""
@@ -151,9 +147,7 @@ def client_num_examples(client: Mapping[str, np.ndarray], client_id: int) -> int
         )
     n = next(iter(lengths.values()))
     if n == 0:
-        raise ValueError(
-            f"client {client_id} has no examples; drop empty clients before sampling"
-        )
+        raise ValueError(f"client {client_id} has no examples; drop empty clients before sampling")
     return n
 
 
@@ -257,8 +251,7 @@ def pack_cohort(
     ids = np.asarray(client_ids, dtype=np.int64)
     if ids.min() < 0 or ids.max() >= num_total_clients:
         raise ValueError(
-            f"client ids must lie in [0, {num_total_clients}); got range "
-            f"[{ids.min()}, {ids.max()}]"
+            f"client ids must lie in [0, {num_total_clients}); got range [{ids.min()}, {ids.max()}]"
         )
     if len(np.unique(ids)) != len(ids):
         raise ValueError("client ids in one cohort must be distinct")
@@ -427,6 +420,4 @@ def pack_fine_tune_then_test(
     data[TEST_FLAG] = joined(lambda cohort, is_test: np.full(cohort.mask.shape, is_test))
     mask = joined(lambda cohort, _: cohort.mask)
     test = phases[-1][0]
-    return test._replace(
-        data=data, mask=mask, step_position=np.zeros(mask.shape[:2], np.int32)
-    )
+    return test._replace(data=data, mask=mask, step_position=np.zeros(mask.shape[:2], np.int32))

@@ -8,7 +8,9 @@ import numpy as np
 _SAMPLING_STREAM = 0x5A3D_1E00
 
 
-def sample_uniform(seed: int, round_index: int, num_total_clients: int, cohort_size: int) -> np.ndarray:
+def sample_uniform(
+    seed: int, round_index: int, num_total_clients: int, cohort_size: int
+) -> np.ndarray:
     """Uniform sample of ``cohort_size`` distinct clients, sorted.
 
     The result depends only on ``(seed, round_index)`` and the two sizes, so a

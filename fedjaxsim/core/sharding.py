@@ -32,9 +32,7 @@ def client_mesh(devices=None) -> Mesh:
     # Process-major order: process p owns a contiguous block of lanes, which is
     # what make_array_from_process_local_data expects for its local lanes.
     devices = sorted(devices, key=lambda d: (d.process_index, d.id))
-    return Mesh(
-        np.asarray(devices), (CLIENT_AXIS,), axis_types=(jax.sharding.AxisType.Auto,)
-    )
+    return Mesh(np.asarray(devices), (CLIENT_AXIS,), axis_types=(jax.sharding.AxisType.Auto,))
 
 
 def mesh_size(mesh: Mesh) -> int:
@@ -156,7 +154,9 @@ def pack_process_share(
             lanes = [lane for lane in assign_lanes(share_steps, lanes_per_process) if lane]
         longest = max(longest, max(sum(share_steps[i] for i in lane) for lane in lanes))
         most_per_lane = max(most_per_lane, max(len(lane) for lane in lanes))
-        most_lanes = max(most_lanes, len(share_steps) if lanes_per_process is None else lanes_per_process)
+        most_lanes = max(
+            most_lanes, len(share_steps) if lanes_per_process is None else lanes_per_process
+        )
     lanes_here = -(-most_lanes // local_device_count) * local_device_count
     share = shares[process_index]
     num_clients = len(sizes)
@@ -171,9 +171,14 @@ def pack_process_share(
             f"{process_count} processes; use a cohort of at least one client per process"
         )
     local = pack_cohort(
-        clients_of_share, cohort_ids[share.start : share.stop], config, seed=seed,
-        round_index=round_index, num_total_clients=num_total_clients,
-        num_lanes=lanes_per_process, num_steps=config.bucket(longest),
+        clients_of_share,
+        cohort_ids[share.start : share.stop],
+        config,
+        seed=seed,
+        round_index=round_index,
+        num_total_clients=num_total_clients,
+        num_lanes=lanes_per_process,
+        num_steps=config.bucket(longest),
     )
     if local.num_lanes < lanes_here:
         local = _pad_to_lane_count(local, lanes_here)

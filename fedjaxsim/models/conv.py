@@ -36,7 +36,10 @@ def conv2d_valid(
     """
     if lowering == "lax":
         outputs = jax.lax.conv_general_dilated(
-            inputs, kernel, window_strides=(1, 1), padding="VALID",
+            inputs,
+            kernel,
+            window_strides=(1, 1),
+            padding="VALID",
             dimension_numbers=("NHWC", "HWIO", "NHWC"),
         )
         return outputs if bias is None else outputs + bias

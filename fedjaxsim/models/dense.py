@@ -71,7 +71,9 @@ def _affine_backward(residuals, g):
 affine_with_plain_gradients.defvjp(_affine_forward, _affine_backward)
 
 
-def affine(x: jax.Array, w: jax.Array, b: jax.Array | None, cpu_gradients: bool = False) -> jax.Array:
+def affine(
+    x: jax.Array, w: jax.Array, b: jax.Array | None, cpu_gradients: bool = False
+) -> jax.Array:
     """``x @ w (+ b)``; with ``cpu_gradients`` its gradients are plain dots (module docstring)."""
     if cpu_gradients:
         return affine_with_plain_gradients(x, w, b)
@@ -87,6 +89,10 @@ class Dense(nn.Module):
 
     @nn.compact
     def __call__(self, inputs):
-        kernel = self.param("kernel", nn.initializers.lecun_normal(), (inputs.shape[-1], self.features))
+        kernel = self.param(
+            "kernel", nn.initializers.lecun_normal(), (inputs.shape[-1], self.features)
+        )
         bias = self.param("bias", nn.initializers.zeros_init(), (self.features,))
-        return affine(inputs, kernel.astype(inputs.dtype), bias.astype(inputs.dtype), self.cpu_gradients)
+        return affine(
+            inputs, kernel.astype(inputs.dtype), bias.astype(inputs.dtype), self.cpu_gradients
+        )

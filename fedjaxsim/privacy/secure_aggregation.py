@@ -63,10 +63,15 @@ import jax
 import jax.numpy as jnp
 
 from fedjaxsim.core.aggregators import Aggregate, Aggregator, Contribution
-from fedjaxsim.core.trees import tree_size, tree_where, tree_zeros_like
+from fedjaxsim.core.trees import (
+    clip_by_global_norm,
+    split_like,
+    tree_size,
+    tree_where,
+    tree_zeros_like,
+)
 from fedjaxsim.core.types import PyTree
 from fedjaxsim.core.validation import InvalidArgument, check_int, check_real
-from fedjaxsim.core.trees import clip_by_global_norm, split_like
 
 MIN_QUANTIZATION_BITS = 2
 MAX_QUANTIZATION_BITS = 31

@@ -30,8 +30,8 @@ import jax
 import jax.numpy as jnp
 
 from fedjaxsim.core.aggregators import Aggregator, Contribution, average, weigh
-from fedjaxsim.core.validation import InvalidArgument, check_int, check_real
 from fedjaxsim.core.trees import clip_by_global_norm
+from fedjaxsim.core.validation import InvalidArgument, check_int, check_real
 
 
 def _stack_transform(payload, weight, state, rng):

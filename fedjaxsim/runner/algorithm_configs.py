@@ -44,7 +44,9 @@ ServerLearningRate = Annotated[
 ]
 AdaptiveForm = Annotated[
     Literal["bias_corrected", "paper"],
-    tyro.conf.arg(help="bias_corrected: optax's (the presets'); paper: Reddi et al.'s Algorithm 2."),
+    tyro.conf.arg(
+        help="bias_corrected: optax's (the presets'); paper: Reddi et al.'s Algorithm 2."
+    ),
 ]
 
 

@@ -288,9 +288,7 @@ def _owners(section: str, key: str) -> str:
         return ""
     registry = UNION_SECTIONS[section][0]
     owners = [
-        name
-        for name, cls in registry.items()
-        if key in {f.name for f in dataclasses.fields(cls)}
+        name for name, cls in registry.items() if key in {f.name for f in dataclasses.fields(cls)}
     ]
     return f" It belongs to {', '.join(owners)}." if owners else ""
 
@@ -303,7 +301,9 @@ def _section(key: str, values, registry: dict[str, type], default: type):
     if name not in registry:
         close = difflib.get_close_matches(str(name), registry, n=1)
         hint = f"; did you mean {close[0]!r}?" if close else ""
-        raise ConfigError(f"{key}.name", f"unknown {key} {name!r}{hint} Known: {', '.join(registry)}")
+        raise ConfigError(
+            f"{key}.name", f"unknown {key} {name!r}{hint} Known: {', '.join(registry)}"
+        )
     return _from_dict(registry[name], values, key)
 
 
@@ -422,8 +422,12 @@ def _validate_sections(config: ExperimentConfig) -> None:
     for name in ("every", "batch_size", "per_client_sample", "per_client_batch_size"):
         _checked("evaluation", check_int, name, getattr(evaluation, name), minimum=1)
     _checked("evaluation", check_int, "per_client_split", evaluation.per_client_split, minimum=2)
-    _checked("evaluation", check_optional_int, "per_client_chunk", evaluation.per_client_chunk, minimum=1)
-    _checked("evaluation", check_optional_int, "per_client_every", evaluation.per_client_every, minimum=0)
+    _checked(
+        "evaluation", check_optional_int, "per_client_chunk", evaluation.per_client_chunk, minimum=1
+    )
+    _checked(
+        "evaluation", check_optional_int, "per_client_every", evaluation.per_client_every, minimum=0
+    )
     _checked("checkpoint", check_int, "every", config.checkpoint.every, minimum=0)
     _checked("checkpoint", check_int, "keep", config.checkpoint.keep, minimum=1)
     _checked("", check_int, "seed", config.seed, minimum=0)
@@ -504,9 +508,9 @@ RUN_DESCRIPTION = (
     "digits), then from --config FILE.yaml, then from single-key flags (--training.rounds 10, "
     "or the short aliases shown). Pick the algorithm, the dataset, the aggregator and an attack "
     "with --algorithm NAME, --dataset NAME, --aggregator.name NAME and --attack.name NAME (or "
-    "the subcommands algorithm:NAME, data:FAMILY, aggregator:NAME, attack:NAME). Also: --resume (continue from the "
-    "latest checkpoint in the output folder; a run also resumes automatically when its folder "
-    "has one) and --quiet (no progress bar)."
+    "the subcommands algorithm:NAME, data:FAMILY, aggregator:NAME, attack:NAME). Also: "
+    "--resume (continue from the latest checkpoint in the output folder; a run also resumes "
+    "automatically when its folder has one) and --quiet (no progress bar)."
 )
 
 

@@ -21,7 +21,10 @@ NumClients = Annotated[
     int, tyro.conf.arg(aliases=("--num-clients",), help="Clients of the partitioned train split.")
 ]
 DirichletAlpha = Annotated[
-    float, tyro.conf.arg(aliases=("--dirichlet-alpha",), help="Dirichlet concentration of the label skew.")
+    float,
+    tyro.conf.arg(
+        aliases=("--dirichlet-alpha",), help="Dirichlet concentration of the label skew."
+    ),
 ]
 Partition = Literal["iid", "dirichlet", "shards", "quantity"]
 
@@ -47,8 +50,14 @@ class DigitsData:
     def check(self) -> None:
         check_int("num_clients", self.num_clients, minimum=1)
         check_real("alpha", self.alpha, minimum=0.0, strict_minimum=True)
-        check_real("test_fraction", self.test_fraction, minimum=0.0, maximum=1.0,
-                   strict_minimum=True, strict_maximum=True)
+        check_real(
+            "test_fraction",
+            self.test_fraction,
+            minimum=0.0,
+            maximum=1.0,
+            strict_minimum=True,
+            strict_maximum=True,
+        )
 
     def population(self) -> int:
         return self.num_clients

@@ -59,8 +59,11 @@ def pack_eval_clients(
         inputs[index, :n] = client[input_key]
         labels[index, :n] = client[label_key]
         mask[index, :n] = True
-    shape = lambda a: a.reshape(len(clients), num_batches, batch_size, *a.shape[2:])
-    return ClientEvalBatches(shape(inputs), shape(labels), shape(mask))
+
+    def batched(array):
+        return array.reshape(len(clients), num_batches, batch_size, *array.shape[2:])
+
+    return ClientEvalBatches(batched(inputs), batched(labels), batched(mask))
 
 
 def build_per_client_eval(apply_fn, clients_per_chunk: int | None = None):

@@ -28,10 +28,10 @@ import numpy as np
 
 from fedjaxsim.core.engine import build_round
 from fedjaxsim.core.evaluation import batch_for_eval, build_classification_eval
+from fedjaxsim.core.losses import classification_loss
 from fedjaxsim.core.packing import pack_cohort
 from fedjaxsim.core.sampling import sample_uniform
 from fedjaxsim.core.sharding import client_mesh, replicated, shard_cohort
-from fedjaxsim.core.losses import classification_loss
 from fedjaxsim.models import get_model
 from fedjaxsim.runner import faults
 from fedjaxsim.runner.checkpoints import FORMAT_VERSION, RunCheckpointer
@@ -356,7 +356,9 @@ def _run_session(config: ExperimentConfig, resume: str, stack: contextlib.ExitSt
                 record["test_accuracy"] = float(sums["num_correct"] / sums["num_examples"])
             if per_client_due:
                 record.update(
-                    per_client_record(jax.device_get(evaluate_clients(state.params, client_batches)))
+                    per_client_record(
+                        jax.device_get(evaluate_clients(state.params, client_batches))
+                    )
                 )
             record["eval_seconds"] = time.perf_counter() - tic
         now = time.perf_counter()

@@ -5,7 +5,9 @@ from __future__ import annotations
 import numpy as np
 
 
-def synthetic_clients(sizes, seed: int = 0, num_features: int = 12, num_classes: int = 5) -> list[dict]:
+def synthetic_clients(
+    sizes, seed: int = 0, num_features: int = 12, num_classes: int = 5
+) -> list[dict]:
     """Classification clients of the given sizes: Gaussian clusters, one per class.
 
     Args:

@@ -115,7 +115,9 @@ def train_lanes(
     num_padding = num_chunks * chunk - num_lanes
     if num_padding:  # empty lanes: no real examples, unoccupied positions
         lanes = pad_lanes(lanes, num_padding)
-        lane_clients = jnp.pad(lane_clients, ((0, num_padding), (0, 0)), constant_values=num_clients)
+        lane_clients = jnp.pad(
+            lane_clients, ((0, num_padding), (0, 0)), constant_values=num_clients
+        )
     if num_chunks == 1:
         sums, records = train_chunk(context, lanes)
         return TrainedClients(sums, scatter_to_clients(records, lane_clients, num_clients))

@@ -181,9 +181,14 @@ def train_lane(
     client_step = batches_with_feature_shapes(algorithm.client_step, feature_shapes)
     guard = "select" if lone and loops_lone_lane(plan.scan_unroll) else "cond"
     local_step = guarded_step(client_step, guard)
-    client_rngs = jax.vmap(jax.random.fold_in, in_axes=(None, 0))(context.client_rng, lane.client_id)
+    client_rngs = jax.vmap(jax.random.fold_in, in_axes=(None, 0))(
+        context.client_rng, lane.client_id
+    )
     stream = jax.vmap(jax.random.fold_in, in_axes=(0, None))
-    init_rngs, aggregator_rngs = stream(client_rngs, INIT_STREAM), stream(client_rngs, AGGREGATOR_STREAM)
+    init_rngs, aggregator_rngs = (
+        stream(client_rngs, INIT_STREAM),
+        stream(client_rngs, AGGREGATOR_STREAM),
+    )
 
     def start(position):
         state = take(lane.client_state, position)
@@ -215,7 +220,9 @@ def train_lane(
     buffers = jax.tree.map(
         lambda leaf: jnp.zeros((lane.weight.shape[0], *leaf.shape), leaf.dtype), (local, zero_sums)
     )
-    live_steps = lone_lane_live_steps(lane.mask, lane.step_position, lane.occupied) if lone else None
+    live_steps = (
+        lone_lane_live_steps(lane.mask, lane.step_position, lane.occupied) if lone else None
+    )
     carry = (local, zero_sums, buffers if packed else ())
     local, sums, finals = run_steps(step, carry, inputs, active, live_steps, plan.scan_unroll)
     final_locals, final_sums = finals if packed else add_leading_axis((local, sums))
@@ -245,7 +252,9 @@ def train_chunk(
     # are flattened too: with a size-1 feature axis (e.g. [..., 28, 28, 1])
     # XLA:CPU otherwise copies the whole cohort each round to relayout it.
     data = jax.tree.map(
-        lambda leaf: leaf.reshape(*leaf.shape[1:3], -1) if leaf.ndim > 4 else leaf.reshape(leaf.shape[1:]),
+        lambda leaf: (
+            leaf.reshape(*leaf.shape[1:3], -1) if leaf.ndim > 4 else leaf.reshape(leaf.shape[1:])
+        ),
         lanes.data,
     )
     lane = jax.tree.map(lambda leaf: leaf.reshape(leaf.shape[1:]), lanes._replace(data=()))
