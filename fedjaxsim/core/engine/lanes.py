@@ -217,13 +217,16 @@ def train_lane(
             )
         return (local, sums, finals), None
 
-    buffers = jax.tree.map(
-        lambda leaf: jnp.zeros((lane.weight.shape[0], *leaf.shape), leaf.dtype), (local, zero_sums)
-    )
+    def buffers():  # a row per position, for the clients' final local states and sums
+        return jax.tree.map(
+            lambda leaf: jnp.zeros((lane.weight.shape[0], *leaf.shape), leaf.dtype),
+            (local, zero_sums),
+        )
+
     live_steps = (
         lone_lane_live_steps(lane.mask, lane.step_position, lane.occupied) if lone else None
     )
-    carry = (local, zero_sums, buffers if packed else ())
+    carry = (local, zero_sums, buffers() if packed else ())
     local, sums, finals = run_steps(step, carry, inputs, active, live_steps, plan.scan_unroll)
     final_locals, final_sums = finals if packed else add_leading_axis((local, sums))
 
