@@ -4,20 +4,25 @@
   quantization to ``b`` bits (Suresh et al. 2017; QSGD).
 * :mod:`fedjaxsim.compression.hadamard`: the randomized Walsh-Hadamard
   rotation applied before quantization.
-* :mod:`fedjaxsim.compression.aggregators`: :func:`quantized_mean`, an
-  aggregator that quantizes each client's whole message (update and side
-  channel) inside the round and reports bits per client.
+* :mod:`fedjaxsim.compression.aggregators`: :func:`compressed`, which wraps
+  any aggregator so that it aggregates what the server decodes of each
+  client's whole message (update and side channel) under a
+  :class:`Compressor` (:func:`quantizer`, :func:`top_k_compressor`), and
+  reports bits per client; :func:`quantized_mean` is
+  ``compressed(weighted_mean(), quantizer(b))``.
 * :mod:`fedjaxsim.compression.sparsification`: top-k sparsification with
   error feedback (Stich et al. 2018; Karimireddy et al. 2019), the residual
   kept per client as client state.
 """
 
-from fedjaxsim.compression.aggregators import quantize_roundtrip, quantized_mean
+from fedjaxsim.compression.aggregators import Compressor, compressed, quantized_mean
 from fedjaxsim.compression.hadamard import fast_walsh_hadamard, padded_size, rotate, unrotate
 from fedjaxsim.compression.quantization import (
     QuantizedVector,
     dequantize,
+    quantize_roundtrip,
     quantized_bits,
+    quantizer,
     stochastic_quantize,
 )
 from fedjaxsim.compression.sparsification import (
@@ -29,8 +34,10 @@ from fedjaxsim.compression.sparsification import (
 )
 
 __all__ = [
+    "Compressor",
     "ErrorFeedbackClientState",
     "QuantizedVector",
+    "compressed",
     "dequantize",
     "fast_walsh_hadamard",
     "initial_error_feedback_state",
@@ -38,6 +45,7 @@ __all__ = [
     "quantize_roundtrip",
     "quantized_bits",
     "quantized_mean",
+    "quantizer",
     "rotate",
     "stochastic_quantize",
     "top_k",

@@ -15,6 +15,9 @@ and, per coordinate, one of ``2^b`` evenly spaced levels between them::
 so ``E[decoded_i] = x_i``: the decoded vector is an unbiased estimate of
 ``x``, and the server's average of decoded updates an unbiased estimate of the
 average update. A constant vector is sent exactly. Cost: ``b d + 64`` bits.
+
+:func:`quantizer` packages the round trip (encode on the client, decode on the
+server) as a compressor for :func:`fedjaxsim.compression.compressed`.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
+from fedjaxsim.compression.hadamard import padded_size, rotate, unrotate
 from fedjaxsim.core.validation import check_int
 
 MIN_BITS = 1
@@ -72,3 +76,55 @@ def dequantize(quantized: QuantizedVector, num_bits: int) -> jax.Array:
 def quantized_bits(size: int, num_bits: int) -> int:
     """Bits to send a quantized vector of ``size`` coordinates."""
     return size * num_bits + RANGE_BITS
+
+
+def quantize_roundtrip(vector: jax.Array, num_bits: int, rotation: bool, rng: jax.Array):
+    """What the server decodes of one client's quantized ``vector`` (float32[d]).
+
+    Args:
+      vector: the flattened message.
+      num_bits: bits per coordinate, in [1, 16].
+      rotation: rotate by a randomized Walsh-Hadamard transform before
+        quantizing (the rotation's seed is shared randomness, not sent).
+      rng: the client's key (rotation and stochastic rounding).
+
+    Returns:
+      ``(decoded float32[d], bits int)``: an unbiased estimate of ``vector``
+      and the bits sent.
+    """
+    rotation_rng, rounding_rng = jax.random.split(rng)
+    size = vector.shape[0]
+    if rotation:
+        rotated = rotate(vector, rotation_rng)
+        quantized = stochastic_quantize(rotated, num_bits, rounding_rng)
+        decoded = unrotate(dequantize(quantized, num_bits), rotation_rng, size)
+        return decoded, quantized_bits(padded_size(size), num_bits)
+    quantized = stochastic_quantize(vector, num_bits, rounding_rng)
+    return dequantize(quantized, num_bits), quantized_bits(size, num_bits)
+
+
+def quantizer(num_bits: int, rotation: bool = False):
+    """Unbiased stochastic quantization as a compressor (Suresh et al. 2017).
+
+    Args:
+      num_bits: bits per coordinate ``b`` in [1, 16].
+      rotation: apply the randomized Walsh-Hadamard rotation first (Suresh et
+        al.'s ``pi_srk``); the message is zero-padded to a power of two ``n``.
+
+    Returns:
+      A :class:`~fedjaxsim.compression.Compressor`: ``(vector float32[d], rng)
+      -> (decoded float32[d], bits float32[])`` with ``bits = b d + 64``
+      (``b n + 64`` with the rotation).
+
+    Raises:
+      InvalidArgument: naming ``num_bits`` outside [1, 16] (checked here, before
+        any tracing).
+    """
+    num_bits = check_num_bits(num_bits)
+    rotation = bool(rotation)
+
+    def compress(vector, rng):
+        decoded, bits = quantize_roundtrip(vector, num_bits, rotation, rng)
+        return decoded, jnp.asarray(bits, jnp.float32)
+
+    return compress

@@ -26,20 +26,17 @@ client under the engine's vmap. The side channel (SCAFFOLD's control delta,
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
 from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 from jax.flatten_util import ravel_pytree
 
+from fedjaxsim.compression.aggregators import Compressor
 from fedjaxsim.core.algorithm import Algorithm, ClientOutput
 from fedjaxsim.core.trees import tree_add, tree_l2_norm, tree_size, tree_zeros_like
 from fedjaxsim.core.types import PyTree
 from fedjaxsim.core.validation import InvalidArgument, check_int, check_real
-
-# (flat float32[d], rng) -> (compressed float32[d], bits sent int or float32[])
-Compressor = Callable[[jax.Array, jax.Array], tuple[jax.Array, jax.Array]]
 
 VALUE_BITS = 32  # a float32 value
 
@@ -75,14 +72,19 @@ def top_k(vector: jax.Array, k: int) -> jax.Array:
 
 
 def top_k_compressor(*, k: int | None = None, fraction: float | None = None) -> Compressor:
-    """Top-k sparsification of the flattened update; give exactly one of ``k``, ``fraction``.
+    """Top-k sparsification of a flat vector; give exactly one of ``k``, ``fraction``.
+
+    The vector is the update plus residual under :func:`with_error_feedback`,
+    and the whole message under :func:`~fedjaxsim.compression.compressed`
+    (there without error feedback: what is dropped is lost, and the mean biased).
 
     Args:
       k: coordinates kept (>= 1; at most the update's size, checked when traced).
       fraction: the fraction of coordinates kept, in (0, 1]; ``k = ceil(fraction d)``.
 
     Returns:
-      A :data:`Compressor`; bits sent are ``k (32 + ceil(log2 d))`` (values and indices).
+      A :class:`~fedjaxsim.compression.Compressor`; bits sent are
+      ``k (32 + ceil(log2 d))`` (values and indices).
 
     Raises:
       ValueError: naming ``k`` or ``fraction``.

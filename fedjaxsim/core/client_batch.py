@@ -25,7 +25,11 @@ class Cohort(NamedTuple):
     Padding examples and padding steps are zero in ``mask``. Padding clients
     have ``weight == 0`` and the out-of-range ``client_id == num_total_clients``
     (never -1, which would wrap around in a gather). Empty lane positions hold
-    ``num_clients`` in ``lane_clients``.
+    ``num_clients`` in ``lane_clients``. A cohort padded to a client-count
+    bucket (``pack_cohort(num_clients=...)``) lists its padding clients after
+    the real ones and gives them no lane position, so the engine trains only
+    the real clients and its per-client records for the others are zero; a
+    cohort may be all padding.
     """
 
     data: PyTree  # dict of arrays: any[num_lanes, num_steps, batch_size, ...]

@@ -15,7 +15,7 @@ import jax
 import numpy as np
 
 from fedjaxsim.core.client_batch import Cohort
-from fedjaxsim.core.validation import check_int
+from fedjaxsim.core.validation import InvalidArgument, check_int, check_optional_int
 
 # Domain tag mixed into per-client shuffling seeds, so that shuffling never
 # reuses the stream that cohort sampling draws from (see sampling.py).
@@ -62,13 +62,7 @@ class PackingConfig:
             not isinstance(self.max_steps, int) or self.max_steps < 1
         ):
             raise ValueError(f"max_steps must be None or a positive int, got {self.max_steps!r}")
-        if self.step_bucket not in ("pow2", "geometric", "exact") and not (
-            isinstance(self.step_bucket, int) and self.step_bucket >= 1
-        ):
-            raise ValueError(
-                f"step_bucket must be 'pow2', 'geometric', 'exact' or a positive int, "
-                f"got {self.step_bucket!r}"
-            )
+        _check_bucket_rule("step_bucket", self.step_bucket)
         if self.weighting not in WEIGHTINGS:
             raise ValueError(f"weighting must be one of {WEIGHTINGS}, got {self.weighting!r}")
 
@@ -94,15 +88,63 @@ class PackingConfig:
 
     def bucket(self, num_steps: int) -> int:
         """Rounds ``num_steps`` up to its bucket."""
-        num_steps = max(int(num_steps), 1)
-        if self.step_bucket == "exact":
-            return num_steps
-        if self.step_bucket == "pow2":
-            return 1 << (num_steps - 1).bit_length()
-        if self.step_bucket == "geometric":
-            granule = max(1, 1 << max(0, (num_steps - 1).bit_length() - 4))
-            return -(-num_steps // granule) * granule
-        return -(-num_steps // self.step_bucket) * self.step_bucket
+        return _round_up(num_steps, self.step_bucket)
+
+
+BUCKET_RULES = ("pow2", "geometric", "exact")
+
+
+def _check_bucket_rule(name: str, rule) -> None:
+    if rule not in BUCKET_RULES and not (
+        isinstance(rule, int) and not isinstance(rule, bool) and rule >= 1
+    ):
+        raise InvalidArgument(
+            name, f"{name} must be 'pow2', 'geometric', 'exact' or a positive int, got {rule!r}"
+        )
+
+
+def _round_up(count: int, rule: str | int) -> int:
+    """``count`` (at least 1) rounded up under a bucket rule (see ``PackingConfig.step_bucket``)."""
+    count = max(int(count), 1)
+    if rule == "exact":
+        return count
+    if rule == "pow2":
+        return 1 << (count - 1).bit_length()
+    if rule == "geometric":
+        granule = max(1, 1 << max(0, (count - 1).bit_length() - 4))
+        return -(-count // granule) * granule
+    return -(-count // rule) * rule
+
+
+def client_count_bucket(
+    num_clients: int, rule: str | int = "pow2", *, maximum: int | None = None
+) -> int:
+    """The padded client count of a cohort of ``num_clients`` clients.
+
+    Variable cohorts (Poisson sampling) are padded to this count with
+    ``pack_cohort(num_clients=...)``, so that a run compiles one round shape
+    per bucket instead of one per cohort size.
+
+    Args:
+      num_clients: real clients in the cohort (``>= 0``; an empty cohort
+        still gets one padding client).
+      rule: ``"pow2"`` (the next power of two), ``"geometric"`` (8 buckets per
+        power of two, at most 12.5% padding), ``"exact"``, or an int ``k``
+        (the next multiple of ``k``), as ``PackingConfig.step_bucket``.
+      maximum: optional cap, e.g. the population size, which no cohort
+        exceeds; a bucket above it becomes ``max(maximum, num_clients)``.
+
+    Returns:
+      An int ``>= max(num_clients, 1)``.
+
+    Raises:
+      InvalidArgument: for a negative count, an unknown rule or a cap below 1.
+    """
+    num_clients = check_int("num_clients", num_clients, minimum=0)
+    _check_bucket_rule("rule", rule)
+    maximum = check_optional_int("maximum", maximum, minimum=1)
+    bucket = _round_up(num_clients, rule)
+    return bucket if maximum is None else max(min(bucket, maximum), num_clients, 1)
 
 
 def default_num_lanes(backend: str | None = None, num_devices: int = 1) -> int | None:
@@ -205,6 +247,28 @@ def assign_lanes(num_steps: Sequence[int], num_lanes: int) -> list[list[int]]:
     return lanes
 
 
+def _template_fields(template: Mapping[str, np.ndarray]) -> dict:
+    """``{name: (per-example shape, dtype)}`` of a template client's fields."""
+    if not isinstance(template, Mapping) or not template:
+        raise InvalidArgument(
+            "template",
+            f"template must be a non-empty mapping from field name to array, got {template!r}",
+        )
+    specs = {}
+    for name, array in template.items():
+        array = np.asarray(array)
+        if array.ndim == 0 or not (
+            np.issubdtype(array.dtype, np.number) or array.dtype == np.bool_
+        ):
+            raise InvalidArgument(
+                "template",
+                f"template field {name!r} has shape {array.shape} and dtype {array.dtype}; "
+                "every field needs a leading example axis and a numeric or bool dtype",
+            )
+        specs[name] = (array.shape[1:], array.dtype)
+    return specs
+
+
 def pack_cohort(
     clients: Sequence[Mapping[str, np.ndarray]],
     client_ids: Sequence[int],
@@ -216,12 +280,15 @@ def pack_cohort(
     num_lanes: int | None = None,
     pad_lanes_to_multiple: int = 1,
     num_steps: int | None = None,
+    num_clients: int | None = None,
+    template: Mapping[str, np.ndarray] | None = None,
 ) -> Cohort:
     """Packs ragged clients into one stacked :class:`Cohort`.
 
     Args:
       clients: one mapping per sampled client from field name (e.g. ``"x"``,
-        ``"y"``) to an array with a leading example axis.
+        ``"y"``) to an array with a leading example axis. May be empty when
+        ``num_clients`` and ``template`` are given (an all-padding cohort).
       client_ids: the population ids of ``clients``, used for shuffling seeds
         and per-client RNG.
       config: batching, epochs, bucketing and weighting.
@@ -236,43 +303,83 @@ def pack_cohort(
       pad_lanes_to_multiple: append empty lanes until the lane count is a
         multiple of this (e.g. the device count).
       num_steps: force this step count instead of the bucketed maximum.
+      num_clients: pad the cohort to this many client entries (for variable
+        cohorts, e.g. Poisson sampling; see :func:`client_count_bucket`). The
+        ``num_clients - len(clients)`` padding entries come after the real
+        clients, with weight 0, ``client_id == num_total_clients`` and no lane
+        position, so the engine's records for them are zero and they change
+        nothing. The lane axes then depend only on ``num_clients``,
+        ``num_lanes`` and ``pad_lanes_to_multiple``: ``num_clients`` lanes of
+        one client (``num_lanes=None``), or ``num_lanes`` lanes of
+        ``max(1, num_clients - num_lanes + 1)`` positions, the most that
+        :func:`assign_lanes` ever puts in one lane. The step axis is the
+        bucket of the longest lane as usual (one step when all padding).
+      template: one client's field mapping (e.g. the population's first
+        client): the field names, per-example shapes and dtypes of an
+        all-padding cohort. When clients are given too, theirs must match it.
 
     Returns:
       A Cohort of NumPy arrays.
 
     Raises:
-      ValueError: on an empty cohort, empty or inconsistent clients, fields
-        that differ between clients, non-finite features, or ids out of range.
+      ValueError: on an empty cohort without ``num_clients`` and ``template``,
+        empty or inconsistent clients, fields that differ between clients (or
+        from ``template``), non-finite features, ids out of range, or
+        ``num_clients`` below the number of clients (an ``InvalidArgument``
+        naming the argument for the layout arguments).
     """
-    if len(clients) == 0:
-        raise ValueError("cannot pack an empty cohort; sample at least one client")
-    if len(clients) != len(client_ids):
-        raise ValueError(f"got {len(clients)} clients but {len(client_ids)} client ids")
-    ids = np.asarray(client_ids, dtype=np.int64)
-    if ids.min() < 0 or ids.max() >= num_total_clients:
+    num_real = len(clients)
+    if num_real != len(client_ids):
+        raise ValueError(f"got {num_real} clients but {len(client_ids)} client ids")
+    if num_clients is not None:
+        check_int("num_clients", num_clients, minimum=1)
+        if num_clients < num_real:
+            raise InvalidArgument(
+                "num_clients",
+                f"num_clients={num_clients} is smaller than the {num_real} clients of the "
+                "cohort; pad to client_count_bucket(len(clients)) or more",
+            )
+    if num_real == 0 and (num_clients is None or template is None):
+        raise ValueError(
+            "cannot pack an empty cohort without padding: sample at least one client, "
+            "or pass num_clients (e.g. client_count_bucket(0)) and template (one client's "
+            "fields, for the shapes) to pack an all-padding cohort"
+        )
+    ids = np.asarray(client_ids, dtype=np.int64).reshape(num_real)
+    if num_real and (ids.min() < 0 or ids.max() >= num_total_clients):
         raise ValueError(
             f"client ids must lie in [0, {num_total_clients}); got range [{ids.min()}, {ids.max()}]"
         )
-    if len(np.unique(ids)) != len(ids):
+    if len(np.unique(ids)) != num_real:
         raise ValueError("client ids in one cohort must be distinct")
-    if pad_lanes_to_multiple < 1:
-        raise ValueError(f"pad_lanes_to_multiple must be >= 1, got {pad_lanes_to_multiple}")
-    if num_lanes is not None and (not isinstance(num_lanes, int) or num_lanes < 1):
-        raise ValueError(f"num_lanes must be None or a positive int, got {num_lanes!r}")
-    reference_fields = {
-        name: (np.asarray(a).shape[1:], np.asarray(a).dtype) for name, a in clients[0].items()
-    }
+    if not isinstance(pad_lanes_to_multiple, int) or pad_lanes_to_multiple < 1:
+        raise InvalidArgument(
+            "pad_lanes_to_multiple",
+            f"pad_lanes_to_multiple must be >= 1, got {pad_lanes_to_multiple!r}",
+        )
+    if num_lanes is not None and (
+        not isinstance(num_lanes, int) or isinstance(num_lanes, bool) or num_lanes < 1
+    ):
+        raise InvalidArgument(
+            "num_lanes", f"num_lanes must be None or a positive int, got {num_lanes!r}"
+        )
+    check_optional_int("num_steps", num_steps, minimum=1)
+    template_fields = None if template is None else _template_fields(template)
+    reference_fields = template_fields
     sizes = []
     for client, client_id in zip(clients, ids):
         sizes.append(client_num_examples(client, int(client_id)))
         fields = {
             name: (np.asarray(a).shape[1:], np.asarray(a).dtype) for name, a in client.items()
         }
-        if fields != reference_fields:
+        if reference_fields is None:
+            reference_fields, reference_owner = fields, f"client {int(client_id)}"
+        elif fields != reference_fields:
+            owner = "the template" if template_fields is not None else reference_owner
             raise ValueError(
-                f"client {int(client_id)} has fields {fields}, but client "
-                f"{int(ids[0])} has {reference_fields}; all clients need the same "
-                "field names, per-example shapes and dtypes"
+                f"client {int(client_id)} has fields {fields}, but {owner} has "
+                f"{reference_fields}; all clients need the same field names, per-example "
+                "shapes and dtypes"
             )
         if config.check_finite:
             _check_finite(client, int(client_id))
@@ -280,21 +387,28 @@ def pack_cohort(
     step_indices = [
         client_step_indices(n, config, seed, round_index, int(cid)) for n, cid in zip(sizes, ids)
     ]
-    num_clients = len(clients)
+    padded_count = num_real if num_clients is None else num_clients
     if num_lanes is None:
-        lanes = [[i] for i in range(num_clients)]
+        lanes = [[i] for i in range(num_real)]
+        lane_count, clients_per_lane = padded_count, 1
     else:
         lanes = [lane for lane in assign_lanes([len(s) for s in step_indices], num_lanes) if lane]
-    longest = max(sum(len(step_indices[i]) for i in lane) for lane in lanes)
+        lane_count = num_lanes
+        clients_per_lane = max((len(lane) for lane in lanes), default=1)
+        if num_clients is not None:
+            # assign_lanes gives each of the first num_lanes clients a lane of
+            # its own (every client has a step), so no lane holds more.
+            bound = max(1, num_clients - num_lanes + 1)
+            assert clients_per_lane <= bound, (clients_per_lane, bound)
+            clients_per_lane = bound
+    longest = max((sum(len(step_indices[i]) for i in lane) for lane in lanes), default=0)
     total_steps = config.bucket(longest) if num_steps is None else num_steps
     if total_steps < longest:
         raise ValueError(
             f"num_steps={total_steps} is smaller than the {longest} local steps a "
             "lane needs; raise num_steps or set max_steps"
         )
-    target_lanes = len(lanes) if num_lanes is None else max(num_lanes, len(lanes))
-    total_lanes = -(-target_lanes // pad_lanes_to_multiple) * pad_lanes_to_multiple
-    clients_per_lane = max(len(lane) for lane in lanes)
+    total_lanes = -(-lane_count // pad_lanes_to_multiple) * pad_lanes_to_multiple
     batch = config.batch_size
 
     data = {
@@ -303,7 +417,7 @@ def pack_cohort(
     }
     mask = np.zeros((total_lanes, total_steps, batch), dtype=bool)
     step_position = np.zeros((total_lanes, total_steps), dtype=np.int32)
-    lane_clients = np.full((total_lanes, clients_per_lane), num_clients, dtype=np.int32)
+    lane_clients = np.full((total_lanes, clients_per_lane), padded_count, dtype=np.int32)
     for lane_index, lane in enumerate(lanes):
         lane_clients[lane_index, : len(lane)] = lane
         cursor = 0
@@ -323,14 +437,18 @@ def pack_cohort(
                 data[name][lane_index, steps] = flat.reshape(len(indices), batch, *shape)
             cursor += len(indices)
 
-    weight = np.array([config.client_weight(n) for n in sizes], dtype=np.float32)
+    # Padding clients: weight 0 and the out-of-range id (never -1, which wraps).
+    weight = np.zeros(padded_count, dtype=np.float32)
+    weight[:num_real] = [config.client_weight(n) for n in sizes]
+    client_id = np.full(padded_count, num_total_clients, dtype=np.int32)
+    client_id[:num_real] = ids
     return Cohort(
         data=data,
         mask=mask,
         step_position=step_position,
         lane_clients=lane_clients,
         weight=weight,
-        client_id=ids.astype(np.int32),
+        client_id=client_id,
     )
 
 
@@ -385,7 +503,7 @@ def pack_fine_tune_then_test(
     if num_total_clients is None:
         num_total_clients = int(max(client_ids)) + 1
     eval_batch_size = batch_size if eval_batch_size is None else eval_batch_size
-    common = dict(seed=seed, round_index=round_index, num_total_clients=num_total_clients)
+    common = {"seed": seed, "round_index": round_index, "num_total_clients": num_total_clients}
     test_config = PackingConfig(
         batch_size=eval_batch_size, shuffle=False, step_bucket="exact", weighting="uniform"
     )

@@ -48,6 +48,24 @@ channel together (SCAFFOLD's control delta, FedNova's step normaliser, ...),
 so the aggregator privatises every algorithm, not only FedAvg. Side means are
 divided by the fixed denominator like the update; side sums are not.
 
+DP-FTRL (``mechanism="tree"``; Kairouz, McMahan, Song, Thakkar, Thakurta,
+Xu, "Practical and Private (Deep) Learning without Sampling or Shuffling",
+ICML 2021, arXiv:2103.00039) replaces the independent noise of every round by
+tree aggregation, restarted every ``tree_size`` rounds. Round ``t`` (1-based
+within tree ``k = round // tree_size``) releases the clipped sum plus the
+*increment* ``noise_prefix(t) - noise_prefix(t - 1)``, where
+``noise_prefix(t)`` is the sum of the dyadic nodes of ``t``'s binary
+decomposition (node ``(level i, index j)`` covers rounds
+``j 2^i + 1 .. (j + 1) 2^i`` of the tree and is ``N(0, (z C)^2 I)``). The prefix
+sums of the released sums, what FTRL (server SGD at a constant rate) applies
+to the model, then carry exactly the tree's noise: ``popcount(t)`` nodes
+instead of ``t`` independent draws. Every node is a pure function of
+``(tree_seed, k, i, j)``, so a node added in one round is subtracted exactly in
+a later one. Clip norms must stay fixed within a tree for that cancellation,
+so adaptive clipping is refused with the tree. The accounting (tree
+aggregation RDP, each client at most once per tree) is in
+:mod:`fedjaxsim.privacy.accounting`.
+
 Everything per client (clipping, weights, clipped-count bits) runs in the
 aggregator's ``client_transform`` under the engine's vmap; contributions are
 plain sums (a padding or zero-weight client contributes exact zeros), so the
@@ -70,7 +88,7 @@ from fedjaxsim.core.aggregators import Aggregator, Contribution, average, weigh
 from fedjaxsim.core.algorithm import Algorithm, with_aggregator
 from fedjaxsim.core.trees import clip_by_global_norm, split_like
 from fedjaxsim.core.types import PerExampleLossFn, PyTree
-from fedjaxsim.core.validation import InvalidArgument, check_int, check_real
+from fedjaxsim.core.validation import InvalidArgument, check_choice, check_int, check_real
 
 
 class EpsilonSchedule(NamedTuple):
@@ -101,17 +119,91 @@ class AdaptiveClipping(NamedTuple):
     clipped_count_stddev: float | None = None
 
 
+MECHANISMS = ("gaussian", "tree")
+
+
 class DpAggregatorState(NamedTuple):
     clip_norm: jax.Array  # float32[]: the clip norm C used by the next round
     denominator: jax.Array  # float32[]: the fixed denominator, the expected total weight
-    round: jax.Array  # int32[]: rounds aggregated so far (indexes the epsilon schedule)
+    # int32[]: rounds aggregated so far (indexes the epsilon schedule; the
+    # tree mechanism's tree index and round within the tree derive from it)
+    round: jax.Array
+
+
+def add_noise(tree: PyTree, noise: PyTree) -> PyTree:
+    """``tree + noise``, leaf by leaf, in ``tree``'s dtypes."""
+    return jax.tree.map(lambda leaf, leaf_noise: leaf + leaf_noise.astype(leaf.dtype), tree, noise)
 
 
 def add_gaussian_noise(tree: PyTree, stddev, rng: jax.Array) -> PyTree:
     """``tree`` plus independent ``N(0, stddev^2)`` noise on every element."""
     size = sum(math.prod(leaf.shape) for leaf in jax.tree.leaves(tree))
-    noise = split_like(stddev * jax.random.normal(rng, (size,), jnp.float32), tree)
-    return jax.tree.map(lambda leaf, leaf_noise: leaf + leaf_noise.astype(leaf.dtype), tree, noise)
+    return add_noise(tree, split_like(stddev * jax.random.normal(rng, (size,), jnp.float32), tree))
+
+
+def tree_num_levels(tree_size: int) -> int:
+    """``ceil(log2(tree_size + 1))``: the levels of a tree of ``tree_size`` leaves."""
+    return int(tree_size).bit_length()
+
+
+def _lowest_set_bit(value: jax.Array) -> jax.Array:
+    """The position of ``value``'s lowest set bit (``value >= 1``), int32[]."""
+    return jax.lax.population_count((value & -value) - 1)
+
+
+def tree_noise_increment(
+    tree_seed: int,
+    tree_index,
+    tree_round,
+    *,
+    size: int,
+    tree_size: int,
+    stddev,
+) -> jax.Array:
+    """``noise_prefix(t) - noise_prefix(t - 1)`` of one tree, a flat vector.
+
+    ``noise_prefix(t) = sum_i 1[bit i of t] node(i, (t >> i) - 1)``, where node
+    ``(i, j)`` of tree ``k`` is ``stddev * normal(key, (size,))`` with
+    ``key = fold_in(fold_in(fold_in(key(tree_seed), k), i), j)``. Between
+    ``t - 1`` and ``t`` only the node at ``t``'s lowest set bit ``b`` is added
+    and the nodes of ``t - 1`` below ``b`` are removed; the nodes above ``b``
+    are common and are not drawn. The loop runs over the static
+    ``tree_num_levels(tree_size)`` levels; those above ``b`` skip their draw
+    (``lax.cond``).
+
+    Args:
+      tree_seed: the seed of every tree's nodes (a Python int).
+      tree_index: ``k``, the tree (int32[] or int).
+      tree_round: ``t`` in ``1..tree_size``, the round within the tree.
+      size: the length of the flat noise vector.
+      tree_size: the rounds per tree (sets the number of levels).
+      stddev: the standard deviation of every node's coordinates.
+
+    Returns:
+      float32[size].
+    """
+    tree_round = jnp.asarray(tree_round, jnp.int32)
+    tree_key = jax.random.fold_in(jax.random.key(tree_seed), tree_index)
+    lowest = _lowest_set_bit(tree_round)
+
+    def add_level(level, increment):
+        added = level == lowest  # the new node, ending at round t
+        removed = level < lowest  # a node of t - 1 that t's new node covers
+        index = jnp.where(added, (tree_round >> level) - 1, ((tree_round - 1) >> level) - 1)
+        node_key = jax.random.fold_in(jax.random.fold_in(tree_key, level), jnp.maximum(index, 0))
+        node = jax.lax.cond(
+            jnp.logical_or(added, removed),
+            lambda key: jax.random.normal(key, (size,), jnp.float32),
+            lambda key: jnp.zeros((size,), jnp.float32),
+            node_key,
+        )
+        return increment + jnp.where(added, 1.0, jnp.where(removed, -1.0, 0.0)) * node
+
+    # A loop, not one unrolled draw per level: one PRNG kernel to compile.
+    increment = jax.lax.fori_loop(
+        0, tree_num_levels(tree_size), add_level, jnp.zeros((size,), jnp.float32)
+    )
+    return stddev * increment
 
 
 def update_noise_multiplier(noise_multiplier: float, clipped_count_stddev: float) -> float:
@@ -148,6 +240,9 @@ def dp_fed_avg_aggregator(
     adaptive_clipping: AdaptiveClipping | None = None,
     noise_cohort_size: int | None = None,
     epsilon_schedule: EpsilonSchedule | None = None,
+    mechanism: str = "gaussian",
+    tree_size: int | None = None,
+    tree_seed: int = 0,
 ) -> Aggregator:
     """The DP-FedAvg aggregator (fixed-denominator estimator; see the module doc).
 
@@ -170,6 +265,12 @@ def dp_fed_avg_aggregator(
       epsilon_schedule: from :func:`fedjaxsim.privacy.accounting.epsilon_schedule`;
         when given, round ``r``'s metrics carry ``dp_epsilon`` (spent after it;
         NaN past the schedule's end) and ``dp_delta``.
+      mechanism: ``"gaussian"`` (independent noise every round, DP-FedAvg) or
+        ``"tree"`` (tree-aggregated noise, DP-FTRL; see the module doc).
+      tree_size: rounds per tree, the restart period; required with the tree.
+      tree_seed: the seed of the tree's nodes (tree only): every node must be
+        drawn again, identically, in the later round that removes it, so the
+        nodes come from this seed, not from the round's rng.
 
     Returns:
       An :class:`~fedjaxsim.core.aggregators.Aggregator` whose state is
@@ -179,14 +280,19 @@ def dp_fed_avg_aggregator(
       ``dp_unclipped_fraction_estimate`` and ``dp_next_clip_norm`` with
       adaptive clipping, ``dp_noise_cohort_size`` and
       ``dp_simulated_cohort_size`` with ``noise_cohort_size``, and
-      ``dp_epsilon``/``dp_delta`` with a schedule.
+      ``dp_epsilon``/``dp_delta`` with a schedule; ``dp_tree_round`` (``t``,
+      1-based within the tree) and ``dp_tree_index`` (``k``) with the tree,
+      whose ``dp_noise_stddev_on_sum`` is that of one tree node (the prefix
+      sum after ``t`` rounds of a tree carries ``popcount(t)`` nodes).
 
     Raises:
       ValueError: naming the parameter, for a non-positive ``clip_norm`` (or
         an infinite one with noise), a negative ``noise_multiplier``, a
         non-positive cohort size or weight, a ``noise_cohort_size`` below
         ``expected_cohort_size``, adaptive clipping hyper-parameters out of
-        range or a clipped-count noise too small for the noise multiplier.
+        range or a clipped-count noise too small for the noise multiplier, an
+        unknown mechanism, a missing or non-positive ``tree_size`` with the
+        tree (or one given with the Gaussian), or adaptive clipping with the tree.
     """
     clip_norm = check_real("clip_norm", clip_norm, minimum=0.0, strict_minimum=True, allow_inf=True)
     noise_multiplier = check_real("noise_multiplier", noise_multiplier, minimum=0.0)
@@ -213,6 +319,29 @@ def dp_fed_avg_aggregator(
     expected_total_weight = check_real(
         "expected_total_weight", expected_total_weight, minimum=0.0, strict_minimum=True
     )
+    mechanism = check_choice("mechanism", mechanism, MECHANISMS)
+    if mechanism == "tree":
+        if tree_size is None:
+            raise InvalidArgument(
+                "tree_size",
+                "tree_size (rounds per tree, the restart period) is required with mechanism='tree'",
+            )
+        tree_size = check_int("tree_size", tree_size, minimum=1)
+        tree_seed = check_int("tree_seed", tree_seed, minimum=0)
+        if adaptive_clipping is not None:
+            raise InvalidArgument(
+                "adaptive_clipping",
+                "adaptive_clipping cannot be combined with mechanism='tree': a tree's nodes "
+                "cancel between rounds only at a fixed clip norm, and the clipped-count query "
+                "has no tree accounting; use a fixed clip_norm with the tree, or "
+                "mechanism='gaussian'",
+            )
+    elif tree_size is not None:
+        raise InvalidArgument(
+            "tree_size",
+            f"tree_size is for mechanism='tree' only, got tree_size={tree_size!r} with "
+            "mechanism='gaussian'; remove it or use mechanism='tree'",
+        )
     noise_scale = 1.0
     if noise_cohort_size is not None:
         noise_cohort_size = check_int("noise_cohort_size", noise_cohort_size, minimum=1)
@@ -257,6 +386,19 @@ def dp_fed_avg_aggregator(
                 f"epsilon_schedule.epsilons must be float[num_rounds], got shape {epsilons.shape}",
             )
 
+    def tree_noise(payload, round_index, stddev):
+        """The tree's noise increment for the round, shaped like ``payload``."""
+        size = sum(math.prod(leaf.shape) for leaf in jax.tree.leaves(payload))
+        flat = tree_noise_increment(
+            tree_seed,
+            round_index // tree_size,
+            round_index % tree_size + 1,
+            size=size,
+            tree_size=tree_size,
+            stddev=stddev,
+        )
+        return split_like(flat, payload)
+
     def init(params):
         del params
         # The denominator is state, not a closure constant: XLA would turn a
@@ -294,9 +436,13 @@ def dp_fed_avg_aggregator(
         clients = reduced["clients"]
         if update_multiplier > 0:
             noise_stddev = update_multiplier * noise_scale * state.clip_norm
-            clients = clients._replace(
-                payload=add_gaussian_noise(clients.payload, noise_stddev, update_rng)
-            )
+            if mechanism == "tree":
+                noise = tree_noise(clients.payload, state.round, noise_stddev)
+                clients = clients._replace(payload=add_noise(clients.payload, noise))
+            else:
+                clients = clients._replace(
+                    payload=add_gaussian_noise(clients.payload, noise_stddev, update_rng)
+                )
         else:  # not 0 * C, which is NaN for an infinite C
             noise_stddev = jnp.zeros((), jnp.float32)
         aggregate = average(clients, state.denominator)
@@ -323,6 +469,9 @@ def dp_fed_avg_aggregator(
             )
             metrics["dp_unclipped_fraction_estimate"] = unclipped_fraction
             metrics["dp_next_clip_norm"] = new_clip_norm
+        if mechanism == "tree":  # float32 like every statistic (exact below 2**24)
+            metrics["dp_tree_round"] = (state.round % tree_size + 1).astype(jnp.float32)
+            metrics["dp_tree_index"] = (state.round // tree_size).astype(jnp.float32)
         if noise_cohort_size is not None:
             metrics["dp_noise_cohort_size"] = jnp.asarray(noise_cohort_size, jnp.float32)
             metrics["dp_simulated_cohort_size"] = jnp.asarray(expected_cohort_size, jnp.float32)

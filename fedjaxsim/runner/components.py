@@ -97,22 +97,56 @@ class ClientStates:
             self.store.scatter(client_ids, new_states)
 
 
+def build_aggregator(config: ExperimentConfig, population: int):
+    """The run's aggregator: secure aggregation, DP, or the configured rule, with compression.
+
+    ``validate`` has refused the combinations that cannot work (a robust rule
+    under DP or secure aggregation, DP with secure aggregation).
+    """
+    if config.secure_aggregation.enabled:
+        aggregator = config.secure_aggregation.build()
+    elif config.privacy.enabled:
+        aggregator = dp_aggregator(config, population)
+    else:
+        aggregator = config.aggregator.build()
+    return config.compression.wrap_aggregator(aggregator)
+
+
+def dp_aggregator(config: ExperimentConfig, population: int):
+    """DP-FedAvg's or DP-FTRL's aggregator for the resolved ``privacy`` section."""
+    from fedjaxsim.privacy.dp import AdaptiveClipping, dp_fed_avg_aggregator
+
+    privacy = config.privacy
+    adaptive = None
+    if privacy.adaptive_clipping:
+        adaptive = AdaptiveClipping(privacy.target_quantile, privacy.clip_learning_rate)
+    options = {}
+    if privacy.mechanism == "tree":
+        options = {"mechanism": "tree", "tree_size": privacy.tree_size, "tree_seed": config.seed}
+    return dp_fed_avg_aggregator(
+        privacy.clip_norm,
+        privacy.noise_multiplier,
+        config.training.cohort_size,
+        adaptive_clipping=adaptive,
+        **options,
+    )
+
+
 def build_algorithm(
     config: ExperimentConfig, loss_fn, dataset: FederatedDataset, params
 ) -> tuple[Algorithm, ClientStates]:
-    """Builds the resolved config's algorithm, with its aggregator and attack.
+    """Builds the resolved config's algorithm with its aggregator, compression and attack.
 
     Returns:
       ``(algorithm, client_states)``.
 
     Raises:
-      ConfigError: when a builder rejects a value (named ``algorithm.<name>``,
-        ``aggregator.<name>`` or ``attack.<name>``).
+      ConfigError: when a builder rejects a value (named ``<section>.<name>``).
     """
     population = dataset.train.num_clients
     sections = (
         ("algorithm", lambda: config.algorithm.build(loss_fn, population)),
-        ("aggregator", config.aggregator.build),
+        ("aggregator", lambda: build_aggregator(config, population)),
         ("attack", lambda: config.attack.build(dataset.num_classes)),
     )
     built = {}
@@ -122,6 +156,7 @@ def build_algorithm(
         except InvalidArgument as error:
             raise ConfigError(f"{section}.{error.name}", str(error)) from error
     algorithm = with_aggregator(built["algorithm"], built["aggregator"])
+    algorithm = config.compression.wrap_algorithm(algorithm)
     store = None
     if algorithm.initial_client_state is not None:
         store = ClientStateStore(algorithm.initial_client_state(params), population)
@@ -130,6 +165,19 @@ def build_algorithm(
         algorithm = with_attack(algorithm, built["attack"])
         malicious = choose_malicious_clients(population, config.attack.fraction, config.seed)
     return algorithm, ClientStates(store, malicious)
+
+
+def sample_cohort(config: ExperimentConfig, population: int, round_index: int) -> np.ndarray:
+    """The cohort of ``round_index`` under ``training.sampling`` (a pure function of the seed)."""
+    from fedjaxsim.core import sampling
+
+    training = config.training
+    if training.sampling == "poisson":
+        rate = training.cohort_size / population
+        return sampling.sample_poisson(config.seed, round_index, population, rate)
+    if training.sampling == "shuffle":
+        return sampling.sample_shuffled(config.seed, round_index, population, training.cohort_size)
+    return sampling.sample_uniform(config.seed, round_index, population, training.cohort_size)
 
 
 def sample_evaluation_clients(config: ExperimentConfig, dataset: FederatedDataset):

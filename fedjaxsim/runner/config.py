@@ -49,6 +49,13 @@ from fedjaxsim.runner.aggregation_configs import (
 )
 from fedjaxsim.runner.algorithm_configs import ALGORITHM_CONFIGS, FedAvgConfig
 from fedjaxsim.runner.data_configs import DATA_CONFIGS, DigitsData
+from fedjaxsim.runner.privacy_configs import (
+    COMPRESSION_CONFIGS,
+    NoCompression,
+    PrivacyConfig,
+    SecureAggregationConfig,
+    default_delta,
+)
 
 ModelName = Literal["cnn", "dense", "logreg"]
 
@@ -77,6 +84,7 @@ AlgorithmConfig = _union(ALGORITHM_CONFIGS)
 DataConfig = _union(DATA_CONFIGS)
 AggregatorConfig = _union(AGGREGATOR_CONFIGS)
 AttackConfig = _union(ATTACK_CONFIGS)
+CompressionConfig = _union(COMPRESSION_CONFIGS)
 
 
 def _registry(classes) -> dict[str, type]:
@@ -87,12 +95,14 @@ ALGORITHMS = _registry(ALGORITHM_CONFIGS)
 DATASETS = _registry(DATA_CONFIGS)
 AGGREGATORS = _registry(AGGREGATOR_CONFIGS)
 ATTACKS = _registry(ATTACK_CONFIGS)
+COMPRESSIONS = _registry(COMPRESSION_CONFIGS)
 # The sections that are unions chosen by name: (registry, default member).
 UNION_SECTIONS = {
     "data": (DATASETS, DigitsData),
     "algorithm": (ALGORITHMS, FedAvgConfig),
     "aggregator": (AGGREGATORS, MeanAggregator),
     "attack": (ATTACKS, NoAttack),
+    "compression": (COMPRESSIONS, NoCompression),
 }
 
 
@@ -114,6 +124,10 @@ class TrainingConfig:
     """Round each cohort's step count up to a bucket, so few shapes compile."""
     weighting: Literal["num_examples", "num_processed", "uniform"] = "num_examples"
     """Client weights in the average."""
+    sampling: Literal["fixed_size", "poisson", "shuffle"] = "fixed_size"
+    """How cohorts are drawn: fixed_size (cohort_size clients, uniformly without replacement),
+    poisson (each client independently with probability cohort_size / num_clients; the
+    cohort's size varies), shuffle (epochs of disjoint cohorts: each client once per epoch)."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -197,6 +211,9 @@ class ExperimentConfig:
     algorithm: AlgorithmConfig = FedAvgConfig()
     aggregator: AggregatorConfig = MeanAggregator()
     attack: AttackConfig = NoAttack()
+    privacy: PrivacyConfig = PrivacyConfig()
+    secure_aggregation: SecureAggregationConfig = SecureAggregationConfig()
+    compression: CompressionConfig = NoCompression()
     training: TrainingConfig = TrainingConfig()
     execution: ExecutionConfig = ExecutionConfig()
     evaluation: EvaluationConfig = EvaluationConfig()
@@ -460,7 +477,137 @@ def validate(config: ExperimentConfig) -> ExperimentConfig:
     _checked("aggregator", config.aggregator.build)
     _checked("aggregator", config.aggregator.check_cohort, config.training.cohort_size)
     _checked("attack", config.attack.build, 2)
+    _checked("secure_aggregation", config.secure_aggregation.build)
+    _checked("compression", config.compression.check)
+    _validate_combinations(config)
+    if config.privacy.enabled:
+        _validate_privacy(config, population)
     return config
+
+
+def _conflict(first: str, second: str, why: str) -> ConfigError:
+    return ConfigError(first, f"cannot be combined with {second}: {why}")
+
+
+def _validate_combinations(config: ExperimentConfig) -> None:
+    """Combinations of aggregation features that cannot be made to work, naming both parts."""
+    privacy, secure = config.privacy, config.secure_aggregation
+    rule = config.aggregator.name
+    if privacy.enabled and rule != "mean":
+        raise _conflict(
+            "privacy", f"aggregator.name={rule}",
+            "the DP guarantee is for the noised sum of clipped messages, and an order statistic "
+            "is not a sum; use aggregator.name=mean with privacy",
+        )
+    if secure.enabled and rule != "mean":
+        raise _conflict(
+            "secure_aggregation", f"aggregator.name={rule}",
+            "the server only ever sees the sum of the messages; use aggregator.name=mean",
+        )
+    if secure.enabled and privacy.enabled:
+        raise _conflict(
+            "secure_aggregation", "privacy",
+            "the simulated secure aggregation decodes the sum without adding DP noise; run them "
+            "separately",
+        )
+    if secure.enabled and config.compression.name != "none":
+        raise _conflict(
+            "secure_aggregation", f"compression.name={config.compression.name}",
+            "secure aggregation sends its own fixed-point encoding; use compression.name=none",
+        )
+    if config.training.sampling == "poisson" and config.aggregator.name in ("krum", "multi_krum"):
+        raise _conflict(
+            "training.sampling=poisson", f"aggregator.name={rule}",
+            "Krum needs at least 2f + 3 clients every round, and a Poisson cohort's size varies",
+        )
+
+
+def privacy_accounting(config: ExperimentConfig, population: int) -> dict:
+    """The keyword arguments of ``fedjaxsim.privacy.accounting`` for this run's sampler."""
+    from fedjaxsim.core.sampling import rounds_per_epoch
+
+    privacy, training = config.privacy, config.training
+    tree_size = privacy.tree_size
+    if privacy.mechanism == "tree" and tree_size is None:
+        tree_size = rounds_per_epoch(population, training.cohort_size)
+    return {
+        "cohort_size": training.cohort_size,
+        "num_total_clients": population,
+        "sampling": training.sampling,
+        "mechanism": privacy.mechanism,
+        "tree_size": tree_size,
+        "accountant": privacy.accountant,
+    }
+
+
+def _validate_privacy(config: ExperimentConfig, population: int) -> None:
+    from fedjaxsim.privacy import accounting
+
+    privacy = config.privacy
+    _checked("privacy", privacy.check)
+    spec = privacy_accounting(config, population)
+    try:
+        adjacency = accounting.adjacency(spec["sampling"], spec["mechanism"])
+    except InvalidArgument as error:
+        raise ConfigError(
+            "privacy.mechanism",
+            f"privacy.mechanism={privacy.mechanism} with training.sampling="
+            f"{config.training.sampling}: {error}",
+        ) from None
+    if privacy.adjacency is not None and privacy.adjacency != adjacency:
+        raise ConfigError(
+            "privacy.adjacency",
+            f"is {privacy.adjacency!r}, but this sampler and mechanism give {adjacency!r}; "
+            "remove the key (it is written when the config is resolved)",
+        )
+    if privacy.mechanism == "tree" and privacy.tree_size is not None:
+        from fedjaxsim.core.sampling import rounds_per_epoch
+
+        epoch = rounds_per_epoch(population, config.training.cohort_size)
+        if epoch % privacy.tree_size:
+            raise ConfigError(
+                "privacy.tree_size",
+                f"{privacy.tree_size} must divide the {epoch} rounds of an epoch, so that no "
+                "tree holds a client twice",
+            )
+    delta = privacy.delta if privacy.delta is not None else default_delta(population)
+    if privacy.target_epsilon is not None and privacy.noise_multiplier is not None:
+        epsilon = _checked(
+            "privacy", accounting.compute_epsilon,
+            privacy.noise_multiplier, config.training.rounds, delta, **spec,
+        )
+        if epsilon > privacy.target_epsilon:
+            raise ConfigError(
+                "privacy.noise_multiplier",
+                f"noise_multiplier={privacy.noise_multiplier} spends epsilon={epsilon:.4g} in "
+                f"{config.training.rounds} rounds, above privacy.target_epsilon="
+                f"{privacy.target_epsilon}; remove one of the two",
+            )
+
+
+def _resolve_privacy(config: ExperimentConfig) -> PrivacyConfig:
+    """Fills delta, the noise multiplier of a target epsilon, the tree size and the adjacency."""
+    from fedjaxsim.privacy import accounting
+
+    privacy = config.privacy
+    if not privacy.enabled:
+        return privacy
+    population = config.data.population()
+    spec = privacy_accounting(config, population)
+    delta = privacy.delta if privacy.delta is not None else default_delta(population)
+    noise_multiplier = privacy.noise_multiplier
+    if noise_multiplier is None:
+        noise_multiplier = _checked(
+            "privacy", accounting.find_noise_multiplier,
+            privacy.target_epsilon, config.training.rounds, delta, **spec,
+        )
+    return dataclasses.replace(
+        privacy,
+        delta=delta,
+        noise_multiplier=noise_multiplier,
+        tree_size=spec["tree_size"],
+        adjacency=accounting.adjacency(spec["sampling"], spec["mechanism"]),
+    )
 
 
 def resolve(config: ExperimentConfig, backend: str | None = None) -> ExperimentConfig:
@@ -497,7 +644,8 @@ def resolve(config: ExperimentConfig, backend: str | None = None) -> ExperimentC
     evaluation = config.evaluation
     if evaluation.per_client_every is None:
         evaluation = dataclasses.replace(evaluation, per_client_every=evaluation.every)
-    return validate(dataclasses.replace(config, execution=execution, evaluation=evaluation))
+    resolved = dataclasses.replace(config, execution=execution, evaluation=evaluation)
+    return validate(dataclasses.replace(resolved, privacy=_resolve_privacy(resolved)))
 
 
 # ---------------------------------------------------------------------------
@@ -507,8 +655,11 @@ RUN_DESCRIPTION = (
     "Run a federated experiment. Settings come from the defaults (FedAvg on the embedded "
     "digits), then from --config FILE.yaml, then from single-key flags (--training.rounds 10, "
     "or the short aliases shown). Pick the algorithm, the dataset, the aggregator and an attack "
-    "with --algorithm NAME, --dataset NAME, --aggregator.name NAME and --attack.name NAME (or "
-    "the subcommands algorithm:NAME, data:FAMILY, aggregator:NAME, attack:NAME). Also: "
+    "with --algorithm NAME, --dataset NAME, --aggregator.name NAME and --attack.name NAME, and "
+    "compression with --compression.name NAME (or the subcommands algorithm:NAME, data:FAMILY, "
+    "aggregator:NAME, attack:NAME, compression:NAME); --privacy.noise-multiplier Z or "
+    "--privacy.target-epsilon E makes the run differentially private; --secure-aggregation "
+    "sums the messages under masks. Also: "
     "--resume (continue from the latest checkpoint in the output folder; a run also resumes "
     "automatically when its folder has one) and --quiet (no progress bar)."
 )
@@ -522,6 +673,7 @@ _SELECTION_FLAGS = {
     "--data.name": "data",
     "--aggregator.name": "aggregator",
     "--attack.name": "attack",
+    "--compression.name": "compression",
 }
 
 
@@ -564,7 +716,10 @@ def parse_run_arguments(argv: Sequence[str]) -> tuple[ExperimentConfig, bool]:
     pre.add_argument("--quiet", action="store_true")
     for flag in _SELECTION_FLAGS:
         pre.add_argument(flag, default=None, dest=flag)
+    pre.add_argument("--secure-aggregation", action="store_true")
     known, rest = pre.parse_known_args(list(argv))
+    if known.secure_aggregation:  # the bare flag turns it on
+        rest = ["--secure-aggregation.enabled", *rest]
     selected = {
         section: getattr(known, flag)
         for flag, section in _SELECTION_FLAGS.items()

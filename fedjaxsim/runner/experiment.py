@@ -29,8 +29,7 @@ import numpy as np
 from fedjaxsim.core.engine import build_round
 from fedjaxsim.core.evaluation import batch_for_eval, build_classification_eval
 from fedjaxsim.core.losses import classification_loss
-from fedjaxsim.core.packing import pack_cohort
-from fedjaxsim.core.sampling import sample_uniform
+from fedjaxsim.core.packing import client_count_bucket, pack_cohort
 from fedjaxsim.core.sharding import client_mesh, replicated, shard_cohort
 from fedjaxsim.models import get_model
 from fedjaxsim.runner import faults
@@ -41,6 +40,7 @@ from fedjaxsim.runner.components import (
     load_dataset,
     num_lanes,
     packing_config,
+    sample_cohort,
     sample_evaluation_clients,
 )
 from fedjaxsim.runner.config import (
@@ -50,6 +50,7 @@ from fedjaxsim.runner.config import (
     config_to_dict,
     dump_config,
     flatten,
+    privacy_accounting,
     resolve,
 )
 from fedjaxsim.runner.evaluation import build_per_client_eval, pack_eval_clients, per_client_record
@@ -85,6 +86,40 @@ def _data_fingerprint(dataset) -> dict:
     }
 
 
+# Server metrics of optional features, logged when the feature is on.
+FEATURE_PREFIXES = ("dp_", "secagg_", "compression_", "robust_", "krum_", "norm_bound_", "trimmed_")
+
+
+def feature_metrics(client_metrics, server_metrics, real: np.ndarray) -> dict:
+    """The round's privacy, robustness and compression figures, as plain floats."""
+    record = {
+        key: float(value)
+        for key, value in server_metrics.items()
+        if key.startswith(FEATURE_PREFIXES) and np.ndim(value) == 0
+    }
+    if "bits_sent" in client_metrics and real.any():  # clients compress (error feedback)
+        for key, name in (("bits_sent", "bits"), ("uncompressed_bits", "uncompressed_bits")):
+            values = np.asarray(client_metrics[key])[real]
+            record[f"compression_{name}_per_client"] = float(np.mean(values))
+    if "malicious" in client_metrics:
+        record["malicious_clients"] = int(np.sum(np.asarray(client_metrics["malicious"])[real]))
+    return record
+
+
+def privacy_summary(config: ExperimentConfig, history: list[dict]) -> dict:
+    """What ``summary.json`` says of the privacy of a DP run."""
+    privacy = config.privacy
+    return {
+        "final_epsilon": history[-1]["epsilon"] if history else 0.0,
+        "delta": privacy.delta,
+        "noise_multiplier": privacy.noise_multiplier,
+        "mechanism": privacy.mechanism,
+        "sampling": config.training.sampling,
+        "accountant": privacy.accountant,
+        "adjacency": privacy.adjacency,
+    }
+
+
 def _summary(history: list[dict], config: ExperimentConfig, output: Path) -> dict:
     evaluated = [r for r in history if "test_accuracy" in r]
     summary = {
@@ -102,6 +137,8 @@ def _summary(history: list[dict], config: ExperimentConfig, output: Path) -> dic
         summary.update(
             {f"final_{k}": v for k, v in per_client[-1].items() if k.startswith("client_accuracy_")}
         )
+    if config.privacy.enabled:
+        summary.update(privacy_summary(config, history))
     return summary
 
 
@@ -147,6 +184,22 @@ def run_experiment(
     # Every file and thread a session opens is closed when it ends, however it ends.
     with contextlib.ExitStack() as stack:
         return _run_session(config, resume, stack)
+
+
+def epsilon_per_round(config: ExperimentConfig, population: int) -> np.ndarray | None:
+    """Epsilon at ``privacy.delta`` after each round (dp-accounting), or None without DP."""
+    if not config.privacy.enabled:
+        return None
+    from fedjaxsim.privacy.accounting import epsilon_schedule
+
+    privacy = config.privacy
+    schedule = epsilon_schedule(
+        privacy.noise_multiplier,
+        config.training.rounds,
+        privacy.delta,
+        **privacy_accounting(config, population),
+    )
+    return np.asarray(schedule.epsilons)
 
 
 def _run_session(config: ExperimentConfig, resume: str, stack: contextlib.ExitStack) -> dict:
@@ -254,11 +307,18 @@ def _run_session(config: ExperimentConfig, resume: str, stack: contextlib.ExitSt
         evaluate_clients = build_per_client_eval(model.apply, config.evaluation.per_client_chunk)
     packing = packing_config(config)
     lanes = num_lanes(config)
+    epsilons = epsilon_per_round(config, population)
+
+    variable_cohorts = config.training.sampling == "poisson"
+    template = dataset.train.clients([0])[0] if variable_cohorts else None
 
     def prepare(round_index: int):
         """Samples and packs a round and starts its host-to-device copy."""
         tic = time.perf_counter()
-        ids = sample_uniform(config.seed, round_index, population, config.training.cohort_size)
+        ids = sample_cohort(config, population, round_index)
+        padding = {}
+        if variable_cohorts:  # a bucket of client counts, so few shapes compile
+            padding = {"num_clients": client_count_bucket(max(len(ids), 1)), "template": template}
         cohort = pack_cohort(
             dataset.train.clients(ids),
             ids,
@@ -267,6 +327,7 @@ def _run_session(config: ExperimentConfig, resume: str, stack: contextlib.ExitSt
             round_index=round_index,
             num_total_clients=population,
             num_lanes=lanes,
+            **padding,
         )
         placed = jax.device_put(cohort) if mesh is None else shard_cohort(cohort, mesh)
         return placed, time.perf_counter() - tic
@@ -278,7 +339,7 @@ def _run_session(config: ExperimentConfig, resume: str, stack: contextlib.ExitSt
             "seed": config.seed,
             "rng_key_data": np.asarray(jax.random.key_data(root_rng)).tolist(),
             "sampler": {
-                "name": "sample_uniform",
+                "name": config.training.sampling,
                 "population": population,
                 "cohort_size": config.training.cohort_size,
             },
@@ -330,13 +391,16 @@ def _run_session(config: ExperimentConfig, resume: str, stack: contextlib.ExitSt
             "train_loss": float(np.sum(client_metrics["loss_sum"]) / max(examples, 1.0)),
             "examples": int(examples),
         }
-        if "update_norm" in client_metrics:
-            weights = np.asarray(cohort.weight) > 0  # real clients only
-            norms = np.asarray(client_metrics["update_norm"])[weights]
+        real = np.asarray(cohort.weight) > 0  # real clients only
+        if "update_norm" in client_metrics and real.any():
+            norms = np.asarray(client_metrics["update_norm"])[real]
             record["mean_update_norm"] = float(np.mean(norms))
             record["max_update_norm"] = float(np.max(norms))
         if "num_nonfinite_updates" in server_metrics:
             record["nonfinite_updates"] = int(server_metrics["num_nonfinite_updates"])
+        record.update(feature_metrics(client_metrics, server_metrics, real))
+        if epsilons is not None:
+            record["epsilon"] = float(epsilons[round_index])
         record["pack_seconds"] = pack_seconds
         record["exposed_pack_seconds"] = exposed_pack_seconds
         record["compute_seconds"] = compute_seconds

@@ -3,7 +3,10 @@
 The figure has four panels: test accuracy against rounds and against wall
 time (``elapsed_seconds``), and loss against rounds and against wall time
 (train loss solid, test loss dashed, in the run's colour), one line per run,
-so runs compare side by side. :func:`collect_series` is the data handed to
+so runs compare side by side. When runs are differentially private, a third
+row shows test accuracy against the privacy spent (``epsilon``) as each run
+goes, and the privacy-utility curve across runs: each run's final accuracy
+at its final epsilon. :func:`collect_series` is the data handed to
 matplotlib, and :func:`build_figure` draws exactly that.
 """
 
@@ -22,6 +25,7 @@ PANELS = {
     "train_loss_vs_time": ("train_loss", "elapsed_seconds"),
     "test_loss_vs_round": ("test_loss", "round"),
     "test_loss_vs_time": ("test_loss", "elapsed_seconds"),
+    "accuracy_vs_epsilon": ("test_accuracy", "epsilon"),
 }
 
 
@@ -70,8 +74,10 @@ def build_figure(series: Mapping[str, Mapping[str, tuple[list, list]]]):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    figure, axes = plt.subplots(2, 2, figsize=(12, 8), squeeze=False)
-    (accuracy_round, accuracy_time), (loss_round, loss_time) = axes
+    private = any(panels["accuracy_vs_epsilon"][0] for panels in series.values())
+    rows = 3 if private else 2
+    figure, axes = plt.subplots(rows, 2, figsize=(12, 4 * rows), squeeze=False)
+    (accuracy_round, accuracy_time), (loss_round, loss_time) = axes[:2]
     colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     for index, (label, panels) in enumerate(series.items()):
         colour = colours[index % len(colours)]
@@ -86,19 +92,51 @@ def build_figure(series: Mapping[str, Mapping[str, tuple[list, list]]]):
         loss_time.plot(
             *panels["test_loss_vs_time"], color=colour, linestyle="--", label=f"{label} test"
         )
-    for axis, (xlabel, ylabel) in (
+    labelled = [
         (accuracy_round, ("round", "test accuracy")),
         (accuracy_time, ("wall time (s)", "test accuracy")),
         (loss_round, ("round", "loss (train solid, test dashed)")),
         (loss_time, ("wall time (s)", "loss (train solid, test dashed)")),
-    ):
+    ]
+    if private:
+        accuracy_epsilon, frontier = axes[2]
+        draw_privacy(series, accuracy_epsilon, frontier, colours)
+        labelled += [
+            (accuracy_epsilon, ("epsilon spent", "test accuracy")),
+            (frontier, ("final epsilon", "final test accuracy")),
+        ]
+    for axis, (xlabel, ylabel) in labelled:
         axis.set_xlabel(xlabel)
         axis.set_ylabel(ylabel)
         axis.grid(True, alpha=0.3)
-        if axis.lines:
+        if any(not line.get_label().startswith("_") for line in axis.lines):
             axis.legend(fontsize="small")
     figure.tight_layout()
     return figure
+
+
+def privacy_utility(series: Mapping[str, Mapping[str, tuple[list, list]]]) -> list[tuple]:
+    """``(final epsilon, final test accuracy, run)`` of each private run, by epsilon."""
+    points = []
+    for label, panels in series.items():
+        epsilons, accuracies = panels["accuracy_vs_epsilon"]
+        if epsilons:
+            points.append((epsilons[-1], accuracies[-1], label))
+    return sorted(points)
+
+
+def draw_privacy(series, accuracy_epsilon, frontier, colours) -> None:
+    """Accuracy against epsilon per run, and the privacy-utility curve across runs."""
+    for index, (label, panels) in enumerate(series.items()):
+        if panels["accuracy_vs_epsilon"][0]:
+            colour = colours[index % len(colours)]
+            accuracy_epsilon.plot(
+                *panels["accuracy_vs_epsilon"], color=colour, marker="o", markersize=3, label=label
+            )
+    points = privacy_utility(series)
+    frontier.plot([p[0] for p in points], [p[1] for p in points], marker="o", color="black")
+    for epsilon, accuracy, label in points:
+        frontier.annotate(label, (epsilon, accuracy), fontsize="x-small")
 
 
 def save_figure(figure, path: str | Path, dpi: int = 100) -> None:

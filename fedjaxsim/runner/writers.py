@@ -140,7 +140,7 @@ class TensorBoardWriter:
 
 
 class ProgressBar:
-    """tqdm bar over rounds with ETA, train loss and the last test accuracy."""
+    """tqdm bar over rounds with ETA, train loss, the last test accuracy and, under DP, epsilon."""
 
     def __init__(self, total: int, initial: int = 0):
         from tqdm.auto import tqdm
@@ -152,9 +152,10 @@ class ProgressBar:
 
     def update(self, record: Mapping) -> None:
         self._accuracy = record.get("test_accuracy", self._accuracy)
-        self._bar.set_postfix(
-            loss=f"{record['train_loss']:.3f}", test_acc=f"{self._accuracy:.3f}", refresh=False
-        )
+        postfix = {"loss": f"{record['train_loss']:.3f}", "test_acc": f"{self._accuracy:.3f}"}
+        if "epsilon" in record:  # the privacy spent so far
+            postfix["eps"] = f"{record['epsilon']:.3g}"
+        self._bar.set_postfix(postfix, refresh=False)
         self._bar.update(1)
 
     def close(self) -> None:

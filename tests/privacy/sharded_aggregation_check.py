@@ -1,7 +1,7 @@
 """Run in a subprocess with XLA_FLAGS=--xla_force_host_platform_device_count=8.
 
 One FedAvg round per kind of aggregator (DP with noise: a streamed sum and
-server noise; secure aggregation with dropouts: a modular uint32 sum of
+server noise, independent or from DP-FTRL's tree; secure aggregation with dropouts: a modular uint32 sum of
 stacked rows; Krum: sorts and distances over stacked rows), each put on FedAvg
 with ``with_aggregator``, on one device without a mesh and on an 8-device
 client mesh, for a cohort of 11 clients (which 8 does not divide). Prints, as
@@ -27,6 +27,9 @@ from fedjaxsim.robust import krum
 
 AGGREGATORS = {
     "dp_fed_avg": lambda: dp_fed_avg_aggregator(0.5, 1.0, expected_cohort_size=11),
+    "dp_ftrl": lambda: dp_fed_avg_aggregator(
+        0.5, 1.0, expected_cohort_size=11, mechanism="tree", tree_size=4, tree_seed=3
+    ),
     "secure": lambda: secure_aggregator(1.0, dropout_rate=0.3, threshold_fraction=0.0),
     "krum": lambda: krum(num_byzantine=2),
 }

@@ -281,7 +281,7 @@ def test_adaptive_clipping_with_noise_splits_the_budget():
     num_clients, clip_norm, z, sigma_b, target, learning_rate = 20, 1.0, 1.0, 0.75, 0.5, 0.2
     expected_cohort_size = 16.0  # m: the denominator of the estimate, not the realised 20
     num_rounds = 20_000
-    payloads, norms = _norm_spread_updates(num_clients, seed=11)
+    payloads, _ = _norm_spread_updates(num_clients, seed=11)
     payloads = payloads._replace(
         means={"step_norm": np.linspace(0.1, 0.3, num_clients, dtype=np.float32)},
         sums={"control_delta": np.full((num_clients, 2), 0.05, np.float32)},
@@ -309,7 +309,7 @@ def test_adaptive_clipping_with_noise_splits_the_budget():
     rows = _joint_rows(payloads)
     row_norms = np.linalg.norm(rows, axis=1)
     clipped_sum = (rows * np.minimum(1.0, clip_norm / row_norms)[:, None]).sum(axis=0)
-    update_part, means_part, sums_part = _parts(payloads)
+    update_part, means_part, _ = _parts(payloads)
     noisy_sums = harness.flat_rows(messages)
     noisy_sums[:, update_part] *= expected_cohort_size
     noisy_sums[:, means_part] *= expected_cohort_size

@@ -1,5 +1,6 @@
 """Secure aggregation: exact unmasking with and without dropouts, uniform masked inputs,
-and the side channel masked and decoded with the update."""
+the side channel masked and decoded with the update, and the encoding error against
+float aggregation (a float64 reference, its one-level bound and its closed-form mean square)."""
 
 import functools
 import itertools
@@ -120,6 +121,10 @@ def test_secure_round_through_the_engine_is_the_survivors_clipped_mean(logreg_lo
         if np.abs(delta - clipped[list(subset)].mean(axis=0)).max() <= level
     ]
     assert len(matches) == 1
+    # The encoding error of that round: its distance to the float mean, within one level.
+    error = np.linalg.norm(delta - clipped[list(matches[0])].mean(axis=0))
+    np.testing.assert_allclose(float(metrics["secagg_encoding_error"]), error, rtol=1e-3)
+    assert 0 < error <= np.sqrt(num_params) * level
 
 
 # 1 - 2^-15 with 16 quantization bits: exactly 2^15 levels per unit, so that
@@ -156,6 +161,12 @@ def test_too_few_survivors_abort_the_round():
         else:
             np.testing.assert_array_equal(np.asarray(aggregate.update["w"]), value)
             assert float(aggregate.weight) == survivors
+        # Exact values, or an abort that float aggregation shares: no encoding error
+        # (up to float32 rounding of the mean, far below one level, 2^-15).
+        assert float(metrics["secagg_encoding_error"]) <= 1e-9
+        assert float(metrics["secagg_encoding_relative_error"]) <= 1e-6
+        if aborted:
+            assert float(metrics["secagg_encoding_error"]) == 0.0
     assert 0 < aborted_rounds < 6  # these seeds give both outcomes
 
 
@@ -242,6 +253,65 @@ def test_side_channel_is_clipped_with_the_update_and_decoded_as_means_and_sums(
         assert float(metrics["secagg_num_participants"]) == present.sum()
         # The joint message travels masked: 32 bits per value of update, means and sums.
         assert float(metrics["secagg_bits_per_client"]) == 32 * sum(sizes)
+
+
+def test_encoding_error_is_the_distance_to_float_aggregation_of_the_survivors(
+    side_channel_rounds,
+):
+    """Float64 reference: the decoded update against the float mean of the same
+    survivors' clipped (jointly with the side channel), unquantized updates; the
+    bound of one level per coordinate, ``sqrt(d) / scale``, holds."""
+    payloads, weights, rounds = side_channel_rounds
+    rows = harness.flat_rows(payloads)[weights > 0]
+    clipped = rows * np.minimum(1.0, 1.0 / np.linalg.norm(rows, axis=1))[:, None]
+    sizes = [sum(leaf[0].size for leaf in jax.tree.leaves(part)) for part in payloads]
+    parts = (np.arange(sizes[0] + sizes[1]), np.arange(sizes[0] + sizes[1], sum(sizes)))
+    level = 1.0 / quantization_scale(1.0, 12)
+    for aggregate, _, metrics in rounds[True]:
+        num_survivors = int(metrics["secagg_num_survivors"])
+        (subset,) = _subsets_within(aggregate, clipped, parts, num_survivors, level)
+        float_mean = clipped[list(subset), : sizes[0]].mean(axis=0)
+        error = np.linalg.norm(harness.flat(aggregate.update) - float_mean)
+        np.testing.assert_allclose(float(metrics["secagg_encoding_error"]), error, rtol=1e-4)
+        np.testing.assert_allclose(
+            float(metrics["secagg_encoding_relative_error"]),
+            error / np.linalg.norm(float_mean),
+            rtol=1e-4,
+        )
+        assert 0 < error <= np.sqrt(sizes[0]) * level
+
+
+def test_mean_square_encoding_error_matches_stochastic_rounding():
+    """Over many rounds, the mean of ``secagg_encoding_error^2`` against its closed
+    form: coordinate j of the mean is off by ``sum_i (B_ij - p_ij) / (n scale)``
+    with independent ``B_ij ~ Bernoulli(p_ij)``, ``p_ij`` the fractional part of
+    ``x_ij scale``; its variance and that of its square (from the fourth
+    cumulants) give the expectation and a 5-sigma band for the sample mean."""
+    num_clients, size, bits, draws = 5, 40, 6, 2000
+    rows = np.random.default_rng(2).uniform(-0.15, 0.15, size=(num_clients, size))
+    assert np.all(np.linalg.norm(rows, axis=1) < 1.0)  # no clipping: x_ij as sent
+    payloads = ClientPayload(update={"w": rows.astype(np.float32)})
+    aggregator = secure_aggregator(1.0, quantization_bits=bits, masking=False)
+
+    def encoding_error(rng):
+        _, _, metrics = aggregate_clients(
+            aggregator, payloads, np.ones(num_clients, np.float32), aggregator.init(None), rng
+        )
+        return metrics["secagg_encoding_error"]
+
+    keys = jax.random.split(jax.random.key(4), draws)
+    squared = np.asarray(jax.jit(jax.vmap(encoding_error))(keys), np.float64) ** 2
+
+    scaled = np.asarray(rows.astype(np.float32), np.float64) * quantization_scale(1.0, bits)
+    p = scaled - np.floor(scaled)
+    variance = p * (1 - p)  # of each B_ij
+    fourth_cumulant = variance * (1 - 6 * variance)
+    column_variance = variance.sum(axis=0)  # E[S_j^2], S_j = sum_i (B_ij - p_ij)
+    column_square_variance = fourth_cumulant.sum(axis=0) + 2 * column_variance**2  # Var[S_j^2]
+    denominator = (num_clients * quantization_scale(1.0, bits)) ** 2
+    expected = column_variance.sum() / denominator
+    standard_error = np.sqrt(column_square_variance.sum() / denominator**2 / draws)
+    assert abs(squared.mean() - expected) <= 5 * standard_error
 
 
 @pytest.mark.parametrize(

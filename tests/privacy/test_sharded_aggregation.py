@@ -1,4 +1,4 @@
-"""DP, secure aggregation and Krum give the same round on 8 sharded devices as on one."""
+"""DP (Gaussian and tree noise), secure aggregation and Krum: one round, 8 devices or one."""
 
 import json
 import os
@@ -25,12 +25,14 @@ def test_privacy_robust_and_compression_aggregators_agree_on_eight_devices():
     )
     assert result.returncode == 0, result.stderr[-3000:]
     report = json.loads(result.stdout.strip().splitlines()[-1])
-    assert set(report) == {"dp_fed_avg", "secure", "krum"}
+    assert set(report) == {"dp_fed_avg", "dp_ftrl", "secure", "krum"}
     for name, entry in report.items():
         assert entry["moved"] > 1e-3, name  # the round really changed the model
         assert entry["metrics_equal"], name
         assert entry["max_difference"] < 2e-6, (name, entry)
     # The features under test really ran: noise, and clients that dropped out.
     assert report["dp_fed_avg"]["metrics"]["dp_noise_stddev_on_sum"] > 0
+    assert report["dp_ftrl"]["metrics"]["dp_noise_stddev_on_sum"] > 0
+    assert report["dp_ftrl"]["metrics"]["dp_tree_round"] == 1
     assert report["secure"]["metrics"]["secagg_num_dropped"] > 0
     assert report["secure"]["metrics"]["secagg_aborted"] == 0
