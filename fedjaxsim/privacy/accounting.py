@@ -333,7 +333,24 @@ def _epsilon(noise_multiplier, num_rounds, delta, setup) -> float:
         accountant = dp_accounting.pld.PLDAccountant(
             relation, value_discretization_interval=setup["pld_discretization"]
         )
-    return float(accountant.compose(event).get_epsilon(delta))
+    return _resolved(float(accountant.compose(event).get_epsilon(delta)), noise_multiplier)
+
+
+def _resolved(epsilon, noise_multiplier):
+    """``epsilon``, or an error where the accountant rounds it to 0.
+
+    dp_accounting returns exactly 0 beyond its precision (sampling without
+    replacement above z = 8e4, a PLD's discretization), which would report
+    a guarantee nobody proved.
+    """
+    epsilon = np.asarray(epsilon, np.float64)
+    if np.any(epsilon <= 0.0):
+        raise InvalidArgument(
+            "noise_multiplier",
+            f"dp_accounting cannot resolve epsilon at noise_multiplier={noise_multiplier!r} "
+            "(it gives 0, below its precision); use less noise",
+        )
+    return float(epsilon) if epsilon.ndim == 0 else epsilon
 
 
 def _setup(
@@ -534,7 +551,7 @@ def epsilon_schedule(
         epsilons = _rdp_schedule(noise_multiplier, num_rounds, delta, setup)
     else:
         epsilons = _pld_schedule(noise_multiplier, num_rounds, delta, setup)
-    return EpsilonSchedule(epsilons, delta)
+    return EpsilonSchedule(_resolved(epsilons, noise_multiplier), delta)
 
 
 def find_noise_multiplier(
@@ -605,9 +622,13 @@ def find_noise_multiplier(
             try:
                 evaluated[noise_multiplier] = _epsilon(noise_multiplier, num_rounds, delta, setup)
             except (ValueError, ArithmeticError) as error:
-                # dp_accounting's formulas lose their domain at huge noise multipliers.
+                # dp_accounting's formulas lose their domain at huge noise multipliers,
+                # and RDP at finitely many orders has a floor above 0.
+                smallest = min(evaluated.values(), default=None)
+                floor = f"; the smallest epsilon it reached is {smallest:.4g}" if smallest else ""
                 raise unreachable(
-                    f"the accountant fails at noise_multiplier={noise_multiplier!r} ({error})"
+                    f"the accountant fails at noise_multiplier={noise_multiplier!r} "
+                    f"({error}){floor}"
                 ) from error
         return evaluated[noise_multiplier]
 

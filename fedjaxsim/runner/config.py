@@ -495,29 +495,34 @@ def _validate_combinations(config: ExperimentConfig) -> None:
     rule = config.aggregator.name
     if privacy.enabled and rule != "mean":
         raise _conflict(
-            "privacy", f"aggregator.name={rule}",
+            "privacy",
+            f"aggregator.name={rule}",
             "the DP guarantee is for the noised sum of clipped messages, and an order statistic "
             "is not a sum; use aggregator.name=mean with privacy",
         )
     if secure.enabled and rule != "mean":
         raise _conflict(
-            "secure_aggregation", f"aggregator.name={rule}",
+            "secure_aggregation",
+            f"aggregator.name={rule}",
             "the server only ever sees the sum of the messages; use aggregator.name=mean",
         )
     if secure.enabled and privacy.enabled:
         raise _conflict(
-            "secure_aggregation", "privacy",
+            "secure_aggregation",
+            "privacy",
             "the simulated secure aggregation decodes the sum without adding DP noise; run them "
             "separately",
         )
     if secure.enabled and config.compression.name != "none":
         raise _conflict(
-            "secure_aggregation", f"compression.name={config.compression.name}",
+            "secure_aggregation",
+            f"compression.name={config.compression.name}",
             "secure aggregation sends its own fixed-point encoding; use compression.name=none",
         )
     if config.training.sampling == "poisson" and config.aggregator.name in ("krum", "multi_krum"):
         raise _conflict(
-            "training.sampling=poisson", f"aggregator.name={rule}",
+            "training.sampling=poisson",
+            f"aggregator.name={rule}",
             "Krum needs at least 2f + 3 clients every round, and a Poisson cohort's size varies",
         )
 
@@ -571,10 +576,16 @@ def _validate_privacy(config: ExperimentConfig, population: int) -> None:
                 "tree holds a client twice",
             )
     delta = privacy.delta if privacy.delta is not None else default_delta(population)
+    # One round of the accounting the run will do: refuses what it cannot account.
+    _checked("privacy", accounting.compute_epsilon, 1.0, 1, delta, **spec)
     if privacy.target_epsilon is not None and privacy.noise_multiplier is not None:
         epsilon = _checked(
-            "privacy", accounting.compute_epsilon,
-            privacy.noise_multiplier, config.training.rounds, delta, **spec,
+            "privacy",
+            accounting.compute_epsilon,
+            privacy.noise_multiplier,
+            config.training.rounds,
+            delta,
+            **spec,
         )
         if epsilon > privacy.target_epsilon:
             raise ConfigError(
@@ -598,8 +609,12 @@ def _resolve_privacy(config: ExperimentConfig) -> PrivacyConfig:
     noise_multiplier = privacy.noise_multiplier
     if noise_multiplier is None:
         noise_multiplier = _checked(
-            "privacy", accounting.find_noise_multiplier,
-            privacy.target_epsilon, config.training.rounds, delta, **spec,
+            "privacy",
+            accounting.find_noise_multiplier,
+            privacy.target_epsilon,
+            config.training.rounds,
+            delta,
+            **spec,
         )
     return dataclasses.replace(
         privacy,
@@ -710,7 +725,7 @@ def parse_run_arguments(argv: Sequence[str]) -> tuple[ExperimentConfig, bool]:
     """
     import argparse
 
-    pre = argparse.ArgumentParser(add_help=False)
+    pre = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
     pre.add_argument("--config", default=None)
     pre.add_argument("--resume", action="store_true")
     pre.add_argument("--quiet", action="store_true")

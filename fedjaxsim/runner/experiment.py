@@ -318,7 +318,8 @@ def _run_session(config: ExperimentConfig, resume: str, stack: contextlib.ExitSt
         ids = sample_cohort(config, population, round_index)
         padding = {}
         if variable_cohorts:  # a bucket of client counts, so few shapes compile
-            padding = {"num_clients": client_count_bucket(max(len(ids), 1)), "template": template}
+            bucket = client_count_bucket(len(ids), maximum=population)
+            padding = {"num_clients": bucket, "template": template}
         cohort = pack_cohort(
             dataset.train.clients(ids),
             ids,
@@ -405,9 +406,16 @@ def _run_session(config: ExperimentConfig, resume: str, stack: contextlib.ExitSt
         record["exposed_pack_seconds"] = exposed_pack_seconds
         record["compute_seconds"] = compute_seconds
         if not math.isfinite(record["train_loss"]):
+            z = config.privacy.noise_multiplier
+            noise = (
+                f", or add less DP noise (privacy.noise_multiplier={z}; a larger "
+                "privacy.target_epsilon)"
+                if config.privacy.enabled
+                else ""
+            )
             raise FloatingPointError(
                 f"train loss became {record['train_loss']} in round {round_number}; "
-                "lower algorithm.client_learning_rate"
+                f"lower algorithm.client_learning_rate{noise}"
             )
         final = round_number == rounds
         central_due = round_number % config.evaluation.every == 0 or final

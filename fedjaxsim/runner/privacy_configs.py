@@ -26,6 +26,17 @@ from fedjaxsim.core.validation import InvalidArgument, check_int, check_real
 DEFAULT_DELTA = 1e-5
 
 
+def _renamed(build, names: dict[str, str]):
+    """``build()``, its ``InvalidArgument`` renamed from the builder's parameter to the key."""
+    try:
+        return build()
+    except InvalidArgument as error:
+        if error.name not in names:
+            raise
+        key = names[error.name]
+        raise InvalidArgument(key, str(error).replace(error.name, key)) from None
+
+
 def default_delta(num_total_clients: int) -> float:
     """``min(1e-5, N^-1.1)``: below ``1 / N``, so that publishing one user's data is not DP."""
     return min(DEFAULT_DELTA, num_total_clients**-1.1)
@@ -70,13 +81,23 @@ class PrivacyConfig:
             check_real("noise_multiplier", self.noise_multiplier, minimum=0.0)
         check_real("clip_norm", self.clip_norm, minimum=0.0, strict_minimum=True)
         check_real(
-            "target_quantile", self.target_quantile, minimum=0.0, maximum=1.0,
-            strict_minimum=True, strict_maximum=True,
+            "target_quantile",
+            self.target_quantile,
+            minimum=0.0,
+            maximum=1.0,
+            strict_minimum=True,
+            strict_maximum=True,
         )
         check_real("clip_learning_rate", self.clip_learning_rate, minimum=0.0, strict_minimum=True)
         if self.delta is not None:
-            check_real("delta", self.delta, minimum=0.0, maximum=1.0,
-                       strict_minimum=True, strict_maximum=True)
+            check_real(
+                "delta",
+                self.delta,
+                minimum=0.0,
+                maximum=1.0,
+                strict_minimum=True,
+                strict_maximum=True,
+            )
         if self.target_epsilon is not None:
             check_real("target_epsilon", self.target_epsilon, minimum=0.0, strict_minimum=True)
         if self.tree_size is not None:
@@ -109,12 +130,15 @@ class SecureAggregationConfig:
     def build(self):
         from fedjaxsim.privacy.secure_aggregation import secure_aggregator
 
-        return secure_aggregator(
-            self.clip_norm,
-            quantization_bits=self.quantization_bits,
-            modulus_bits=self.modulus_bits,
-            dropout_rate=self.dropout_fraction,
-            masking=self.masking,
+        return _renamed(
+            lambda: secure_aggregator(
+                self.clip_norm,
+                quantization_bits=self.quantization_bits,
+                modulus_bits=self.modulus_bits,
+                dropout_rate=self.dropout_fraction,
+                masking=self.masking,
+            ),
+            {"dropout_rate": "dropout_fraction"},
         )
 
 
@@ -135,6 +159,9 @@ class EncodesMessages:
 
     def wrap_aggregator(self, aggregator):
         return compression.compressed(aggregator, self.compressor())
+
+
+BITS = {"num_bits": "bits"}
 
 
 @section_config
@@ -159,7 +186,7 @@ class QuantizeCompression(EncodesMessages):
     """Bits per coordinate, in [1, 16]."""
 
     def compressor(self):
-        return compression.quantizer(self.bits, rotation=False)
+        return _renamed(lambda: compression.quantizer(self.bits, rotation=False), BITS)
 
 
 @section_config
@@ -171,7 +198,7 @@ class HadamardQuantizeCompression(EncodesMessages):
     """Bits per coordinate, in [1, 16]."""
 
     def compressor(self):
-        return compression.quantizer(self.bits, rotation=True)
+        return _renamed(lambda: compression.quantizer(self.bits, rotation=True), BITS)
 
 
 @section_config

@@ -37,6 +37,16 @@ logging:
   progress: false
 """
 
+# The hyper-parameters each algorithm config requires (no default).
+REQUIRED = {
+    "fedprox": {"client_learning_rate": 0.05, "proximal_mu": 0.01},
+    "scaffold": {"client_learning_rate": 0.05},
+    "fednova": {"client_learning_rate": 0.05},
+    "mime_lite": {"client_learning_rate": 0.05},
+    "qffl": {"client_learning_rate": 0.05, "q": 1.0},
+    "ditto": {"client_learning_rate": 0.05, "personal_learning_rate": 0.05, "regularization": 0.1},
+}
+
 
 def write_tiny_config(folder: Path, text: str = TINY_YAML) -> Path:
     path = Path(folder) / "tiny.yaml"

@@ -18,6 +18,7 @@ import numpy as np
 import optax
 import pytest
 import tyro
+from runner_helpers import REQUIRED
 
 import fedjaxsim
 from fedjaxsim.core.algorithm import Algorithm
@@ -47,18 +48,6 @@ from fedjaxsim.runner.config import (
 from fedjaxsim.runner.data_configs import DigitsData
 
 RUNNER = Path(config_module.__file__).parent
-
-# The hyper-parameters without a default, per algorithm.
-REQUIRED = {
-    "fedprox": {"client_learning_rate": 0.05, "proximal_mu": 0.01},
-    "scaffold": {"client_learning_rate": 0.05},
-    "fednova": {"client_learning_rate": 0.05},
-    "mime_lite": {"client_learning_rate": 0.05},
-    "qffl": {"client_learning_rate": 0.05, "q": 1.0},
-    "ditto": {"client_learning_rate": 0.05, "personal_learning_rate": 0.05, "regularization": 0.1},
-}
-
-# Section keys whose fix is in the lead's config.py (see the report of issue 13).
 
 
 def _yaml(tmp_path, text):
