@@ -32,12 +32,17 @@ def dirichlet_label_partition(
     non-identical data distribution"). Draws are repeated until every client
     holds at least ``min_examples``. Small alpha gives few classes per client.
 
+    With many small clients (1,000 clients of 1.4 examples on average) no
+    draw succeeds; after ``max_attempts`` the last draw is repaired instead:
+    each short client in turn takes a random example from the client that
+    holds the most, until it has ``min_examples``. The repaired clients lose
+    some of their label skew; a draw that succeeds is never repaired.
+
     Returns:
       One sorted int64 index array per client; every example appears exactly once.
 
     Raises:
-      ValueError: for non-positive alpha, too many clients, or when no draw in
-        ``max_attempts`` satisfies ``min_examples``.
+      ValueError: for non-positive alpha or too many clients.
     """
     labels = np.asarray(labels)
     if not alpha > 0:
@@ -50,20 +55,36 @@ def dirichlet_label_partition(
     rng = np.random.default_rng(seed)
     classes = np.unique(labels)
     for _ in range(max_attempts):
-        parts: list[list[np.ndarray]] = [[] for _ in range(num_clients)]
+        draws, sizes = [], np.zeros(num_clients, np.int64)
         for label in classes:
             members = rng.permutation(np.flatnonzero(labels == label))
             proportions = rng.dirichlet(np.full(num_clients, alpha))
             cuts = (np.cumsum(proportions)[:-1] * len(members)).astype(np.int64)
-            for client, chunk in enumerate(np.split(members, cuts)):
-                parts[client].append(chunk)
-        assignment = [np.sort(np.concatenate(p)).astype(np.int64) for p in parts]
-        if min(len(a) for a in assignment) >= min_examples:
-            return assignment
-    raise ValueError(
-        f"no Dirichlet(alpha={alpha}) draw in {max_attempts} attempts gave every one of "
-        f"{num_clients} clients {min_examples} examples; raise alpha or lower num_clients"
-    )
+            sizes += np.diff(cuts, prepend=0, append=len(members))
+            draws.append((members, cuts))
+        if sizes.min() >= min_examples:  # checked before the (costly) split
+            return _assemble(draws, num_clients)
+    return _top_up(_assemble(draws, num_clients), min_examples, rng)
+
+
+def _assemble(draws, num_clients: int) -> list[np.ndarray]:
+    """Each client's sorted indices from the per-class ``(members, cuts)`` of a draw."""
+    parts: list[list[np.ndarray]] = [[] for _ in range(num_clients)]
+    for members, cuts in draws:
+        for client, chunk in enumerate(np.split(members, cuts)):
+            parts[client].append(chunk)
+    return [np.sort(np.concatenate(p)).astype(np.int64) for p in parts]
+
+
+def _top_up(assignment: list[np.ndarray], min_examples: int, rng) -> list[np.ndarray]:
+    """Moves random examples from the largest clients to those below ``min_examples``."""
+    assignment = [list(a) for a in assignment]
+    for client in range(len(assignment)):
+        while len(assignment[client]) < min_examples:
+            donor = max(range(len(assignment)), key=lambda c: len(assignment[c]))
+            taken = assignment[donor].pop(int(rng.integers(len(assignment[donor]))))
+            assignment[client].append(taken)
+    return [np.sort(np.asarray(a, np.int64)) for a in assignment]
 
 
 def shard_partition(

@@ -30,12 +30,31 @@ PANELS = {
 
 
 def _labels(folders: Sequence[Path]) -> list[str]:
-    """Folder names, or parent/name where names repeat."""
+    """Folder names, or parent/name where names repeat; attack runs say attack and defence."""
     names = [folder.name or str(folder) for folder in folders]
     return [
-        f"{folder.parent.name}/{name}" if names.count(name) > 1 else name
+        (f"{folder.parent.name}/{name}" if names.count(name) > 1 else name) + _attack_note(folder)
         for folder, name in zip(folders, names)
     ]
+
+
+def _attack_note(folder: Path) -> str:
+    """`` (sign_flip 20%, defence median)`` for a run under attack, from its config.yaml."""
+    path = folder / "config.yaml"
+    if not path.is_file():
+        return ""
+    import yaml
+
+    try:
+        config = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError:
+        return ""
+    attack = config.get("attack") or {}
+    if attack.get("name", "none") == "none":
+        return ""
+    rule = (config.get("aggregator") or {}).get("name", "mean")
+    defence = "no defence" if rule == "mean" else f"defence {rule}"
+    return f" ({attack['name']} {attack.get('fraction', 0):.0%}, {defence})"
 
 
 def collect_series(folders: Sequence[str | Path]) -> dict[str, dict[str, tuple[list, list]]]:

@@ -206,3 +206,38 @@ def test_embedded_digits_go_through_the_dirichlet_partitioner(monkeypatch):
     assert dataset.train.total_examples + dataset.test.total_examples == 1797
     for index, part in enumerate(assignment):
         np.testing.assert_array_equal(dataset.train.client(index)["y"], labels[part])
+
+
+def _retried_dirichlet_reference(labels, num_clients, alpha, seed, min_examples=1):
+    """The documented retry loop, written out: redraw until every client has enough."""
+    rng = np.random.default_rng(seed)
+    while True:
+        parts = [[] for _ in range(num_clients)]
+        for label in np.unique(labels):
+            members = rng.permutation(np.flatnonzero(labels == label))
+            shares = rng.dirichlet(np.full(num_clients, alpha))
+            cuts = (np.cumsum(shares)[:-1] * len(members)).astype(np.int64)
+            for client, chunk in enumerate(np.split(members, cuts)):
+                parts[client].append(chunk)
+        if min(sum(len(c) for c in p) for p in parts) >= min_examples:
+            return [np.sort(np.concatenate(p)) for p in parts]
+
+
+def test_a_dirichlet_draw_that_succeeds_is_the_retry_loop_unchanged():
+    """60 clients of 300 labels at alpha 0.2: the first 33 draws leave a client empty."""
+    labels = np.random.default_rng(1).integers(0, 10, size=300)
+    got = dirichlet_label_partition(labels, 60, 0.2, seed=7)
+    want = _retried_dirichlet_reference(labels, 60, 0.2, seed=7)
+    assert all(np.array_equal(a, b) for a, b in zip(got, want, strict=True))
+
+
+def test_many_small_clients_are_topped_up_to_the_minimum():
+    """1,000 clients of 1,437 examples: no Dirichlet draw gives all of them one."""
+    labels = np.random.default_rng(0).integers(0, 10, size=1437)
+    first = dirichlet_label_partition(labels, 1000, 0.5, seed=0, max_attempts=20)
+    _assert_exact_cover(first, len(labels))
+    assert min(len(part) for part in first) == 1
+    again = dirichlet_label_partition(labels, 1000, 0.5, seed=0, max_attempts=20)
+    assert all(np.array_equal(a, b) for a, b in zip(first, again))
+    with pytest.raises(ValueError, match="cannot give 1500 clients 1 examples"):
+        dirichlet_label_partition(labels, 1500, 0.5, seed=0)

@@ -94,3 +94,45 @@ def test_plot_of_a_folder_without_metrics_names_it(tmp_path, capsys):
     assert main(["plot", str(tmp_path), "--output", str(tmp_path / "a.png")]) == 2
     assert f"{tmp_path} has no metrics.jsonl" in capsys.readouterr().err
     assert not (tmp_path / "a.png").exists()
+
+
+def test_attack_runs_are_labelled_with_the_attack_and_the_defence(tmp_path):
+    mean, median, clean = tmp_path / "mean", tmp_path / "median", tmp_path / "clean"
+    for folder, attack, rule in (
+        (mean, "sign_flip", "mean"),
+        (median, "sign_flip", "median"),
+        (clean, "none", "mean"),
+    ):
+        _write_run(folder, _records(1.0))
+        text = f"attack:\n  name: {attack}\n  fraction: 0.2\naggregator:\n  name: {rule}\n"
+        (folder / "config.yaml").write_text(text)
+    assert list(collect_series([mean, median, clean])) == [
+        "mean (sign_flip 20%, no defence)",
+        "median (sign_flip 20%, defence median)",
+        "clean",
+    ]
+
+
+def test_private_runs_add_accuracy_against_epsilon_and_the_frontier(tmp_path):
+    runs = []
+    for name, scale, final_accuracy in (("a", 1.0, 0.7), ("b", 4.0, 0.9)):
+        records = [
+            {"round": r, "train_loss": 1.0 / r, "elapsed_seconds": float(r), "epsilon": scale * r}
+            for r in (1, 2, 3)
+        ]
+        records[1].update(test_accuracy=0.5, test_loss=1.0)
+        records[2].update(test_accuracy=final_accuracy, test_loss=0.5)
+        _write_run(tmp_path / name, records)
+        runs.append(tmp_path / name)
+    series = collect_series(runs)
+    assert series["b"]["accuracy_vs_epsilon"] == ([8.0, 12.0], [0.5, 0.9])
+    figure = build_figure(series)
+    assert len(figure.axes) == 6
+    accuracy_epsilon, frontier = figure.axes[4:]
+    np.testing.assert_array_equal(accuracy_epsilon.lines[0].get_xydata(), [[2.0, 0.5], [3.0, 0.7]])
+    # One point per run: its final epsilon and final accuracy, in epsilon order.
+    np.testing.assert_array_equal(frontier.lines[0].get_xydata(), [[3.0, 0.7], [12.0, 0.9]])
+    assert frontier.get_xlabel() == "final epsilon"
+    import matplotlib.pyplot as plt
+
+    plt.close(figure)

@@ -36,7 +36,8 @@ SIGN_FLIP = {"digits_sign_flip_mean": "mean", "digits_sign_flip_median": "median
 
 def test_every_preset_is_covered():
     names = {path.stem for path in CONFIGS.glob("*.yaml")}
-    assert names == set(REDDI) | {"fedjax_emnist_benchmark", "digits_fedavg"} | set(SIGN_FLIP)
+    others = {"fedjax_emnist_benchmark", "digits_fedavg", "digits_dp_fedavg", "emnist_dp_fedavg"}
+    assert names == set(REDDI) | others | set(SIGN_FLIP)
 
 
 @pytest.mark.parametrize("name", sorted(REDDI))
@@ -106,3 +107,58 @@ def test_sign_flip_presets(name, monkeypatch):
     for command in commands:
         parsed, _ = parse_run_arguments(shlex.split(command))
         assert parsed.attack.name in ("sign_flip", "none")
+
+
+def _poisson_rdp_epsilon(z, rounds, sampled, population, delta):
+    """dp-accounting's event for Poisson sampling under add-or-remove-one."""
+    import dp_accounting
+
+    event = dp_accounting.PoissonSampledDpEvent(
+        sampled / population, dp_accounting.GaussianDpEvent(z)
+    )
+    relation = dp_accounting.NeighboringRelation.ADD_OR_REMOVE_ONE
+    accountant = dp_accounting.rdp.RdpAccountant(neighboring_relation=relation)
+    return accountant.compose(event, rounds).get_epsilon(delta)
+
+
+def test_emnist_dp_preset_has_the_adaptive_clipping_of_andrew_et_al():
+    """Andrew et al. 2021: C0 = 0.1, eta_C = 0.2, gamma = 0.5, m = 100, server momentum 0.9."""
+    config = resolve(load_config(CONFIGS / "emnist_dp_fedavg.yaml"), backend="cpu")
+    privacy = config.privacy
+    assert privacy.adaptive_clipping and privacy.mechanism == "gaussian"
+    assert (privacy.clip_norm, privacy.clip_learning_rate, privacy.target_quantile) == (
+        0.1,
+        0.2,
+        0.5,
+    )
+    assert (config.algorithm.name, config.algorithm.momentum) == ("fedavgm", 0.9)
+    training = config.training
+    assert (training.cohort_size, training.sampling, training.rounds) == (100, "poisson", 1500)
+    assert config.data.name == "federated_emnist" and config.model == "cnn"
+    assert privacy.delta == min(1e-5, 3400**-1.1) == 1e-5  # the documented default
+    assert privacy.adjacency == "add_or_remove_one"
+    z = privacy.noise_multiplier
+    assert _poisson_rdp_epsilon(z, 1500, 100, 3400, privacy.delta) <= 10.0
+    assert _poisson_rdp_epsilon(z - 1e-3, 1500, 100, 3400, privacy.delta) > 10.0
+    # sigma_b = m / 20 must exceed z / 2, or the update noise could not pay for the rest.
+    assert 100 / 20 > z / 2
+
+
+def test_digits_dp_preset_reaches_its_accuracy_at_epsilon_10(tmp_path):
+    """The README's claim: about 94% test accuracy at epsilon <= 10, delta 1e-5."""
+    from fedjaxsim.runner.config import replace
+    from fedjaxsim.runner.experiment import run_experiment
+
+    config = replace(
+        load_config(CONFIGS / "digits_dp_fedavg.yaml"),
+        output_dir=str(tmp_path / "run"),
+        **{"logging.progress": False, "checkpoint.every": 0, "evaluation.per_client_every": 0},
+    )
+    assert (config.data.num_clients, config.training.sampling) == (1000, "poisson")
+    summary = run_experiment(config)
+    assert summary["delta"] == 1e-5 and summary["final_epsilon"] <= 10.0
+    z = summary["noise_multiplier"]
+    assert summary["final_epsilon"] == pytest.approx(
+        _poisson_rdp_epsilon(z, 200, 200, 1000, 1e-5), rel=1e-9
+    )
+    assert summary["final_test_accuracy"] >= 0.92

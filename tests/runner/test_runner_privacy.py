@@ -305,6 +305,14 @@ def test_cli_flags_reach_the_sections():
             ["privacy.tree_size:", "divide the 10 rounds"],
         ),
         (
+            ["--privacy.noise-multiplier", "1", "--training.sampling", "shuffle"],
+            ["privacy.mechanism:", "training.sampling=shuffle"],
+        ),
+        (
+            ["--secure-aggregation", "--aggregator.name", "trimmed_mean"],
+            ["secure_aggregation:", "aggregator.name=trimmed_mean"],
+        ),
+        (
             ["--attack.name", "sign_flip", "--attack.fraction", "1.0"],
             ["attack.fraction:", "< 1.0"],
         ),
@@ -343,3 +351,11 @@ def test_bad_privacy_and_robustness_options_fail_before_any_work(
     for fragment in fragments:
         assert fragment in error, (fragment, error)
     assert not (tmp_path / "out").exists()
+
+
+def test_the_progress_bar_shows_the_epsilon_spent(tmp_path, capsys):
+    arguments = ["run", "--model", "logreg", "--rounds", "2", "--output-dir", str(tmp_path)]
+    arguments += ["--privacy.noise-multiplier", "1.5", "--evaluation.per-client-every", "0"]
+    assert main(arguments) == 0
+    err = capsys.readouterr().err
+    assert f"eps={_fixed_size_epsilon(1.5, 2, cohort=10):.3g}" in err
