@@ -51,7 +51,9 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--targets", type=float, nargs="+", default=[0.5, 1, 2, 4, 8, 10])
     parser.add_argument("--work", default="/tmp/privacy_frontier")
-    parser.add_argument("--output", default=str(ROOT / "benchmarks" / "results_privacy_frontier.jsonl"))
+    parser.add_argument(
+        "--output", default=str(ROOT / "benchmarks" / "results_privacy_frontier.jsonl")
+    )
     arguments = parser.parse_args()
     work = Path(arguments.work)
     rows = []
@@ -65,8 +67,10 @@ def main() -> None:
     with open(arguments.output, "a", encoding="utf-8") as handle:
         for row in rows:
             handle.write(json.dumps(row) + "\n")
-    print("\n| target epsilon | epsilon reached | noise multiplier | final accuracy (median) | "
-          "min - max |")
+    print(
+        "\n| target epsilon | epsilon reached | noise multiplier | final accuracy (median) | "
+        "min - max |"
+    )
     print("|---|---|---|---|---|")
     for target in [*arguments.targets, None]:
         group = [r for r in rows if r["target_epsilon"] == target]
@@ -74,8 +78,10 @@ def main() -> None:
         reached = "-" if target is None else f"{group[0]['final_epsilon']:.3f}"
         noise = "0" if target is None else f"{group[0]['noise_multiplier']:.3f}"
         label = "no DP" if target is None else f"{target:g}"
-        print(f"| {label} | {reached} | {noise} | {statistics.median(accuracies):.4f} | "
-              f"{min(accuracies):.4f} - {max(accuracies):.4f} |")
+        print(
+            f"| {label} | {reached} | {noise} | {statistics.median(accuracies):.4f} | "
+            f"{min(accuracies):.4f} - {max(accuracies):.4f} |"
+        )
     from fedjaxsim.runner.cli import main as cli
 
     runs = [str(work / f"eps{t:g}_seed{arguments.seeds[0]}") for t in arguments.targets]

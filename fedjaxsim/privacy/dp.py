@@ -225,7 +225,8 @@ def update_noise_multiplier(noise_multiplier: float, clipped_count_stddev: float
         raise InvalidArgument(
             "clipped_count_stddev",
             f"clipped_count_stddev must exceed noise_multiplier / 2 = {noise_multiplier / 2!r} "
-            f"for adaptive clipping, got {clipped_count_stddev!r}",
+            f"for adaptive clipping, got {clipped_count_stddev!r} (the default is the expected "
+            "cohort / 20); raise it, sample more clients a round, or use less noise",
         )
     return (noise_multiplier**-2 - (2.0 * clipped_count_stddev) ** -2) ** -0.5
 

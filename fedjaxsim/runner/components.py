@@ -97,7 +97,7 @@ class ClientStates:
             self.store.scatter(client_ids, new_states)
 
 
-def build_aggregator(config: ExperimentConfig, population: int):
+def build_aggregator(config: ExperimentConfig):
     """The run's aggregator: secure aggregation, DP, or the configured rule, with compression.
 
     ``validate`` has refused the combinations that cannot work (a robust rule
@@ -106,30 +106,10 @@ def build_aggregator(config: ExperimentConfig, population: int):
     if config.secure_aggregation.enabled:
         aggregator = config.secure_aggregation.build()
     elif config.privacy.enabled:
-        aggregator = dp_aggregator(config, population)
+        aggregator = config.privacy.build(config.training.cohort_size, config.seed)
     else:
         aggregator = config.aggregator.build()
     return config.compression.wrap_aggregator(aggregator)
-
-
-def dp_aggregator(config: ExperimentConfig, population: int):
-    """DP-FedAvg's or DP-FTRL's aggregator for the resolved ``privacy`` section."""
-    from fedjaxsim.privacy.dp import AdaptiveClipping, dp_fed_avg_aggregator
-
-    privacy = config.privacy
-    adaptive = None
-    if privacy.adaptive_clipping:
-        adaptive = AdaptiveClipping(privacy.target_quantile, privacy.clip_learning_rate)
-    options = {}
-    if privacy.mechanism == "tree":
-        options = {"mechanism": "tree", "tree_size": privacy.tree_size, "tree_seed": config.seed}
-    return dp_fed_avg_aggregator(
-        privacy.clip_norm,
-        privacy.noise_multiplier,
-        config.training.cohort_size,
-        adaptive_clipping=adaptive,
-        **options,
-    )
 
 
 def build_algorithm(
@@ -146,7 +126,7 @@ def build_algorithm(
     population = dataset.train.num_clients
     sections = (
         ("algorithm", lambda: config.algorithm.build(loss_fn, population)),
-        ("aggregator", lambda: build_aggregator(config, population)),
+        ("aggregator", lambda: build_aggregator(config)),
         ("attack", lambda: config.attack.build(dataset.num_classes)),
     )
     built = {}

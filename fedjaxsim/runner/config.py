@@ -482,6 +482,11 @@ def validate(config: ExperimentConfig) -> ExperimentConfig:
     _validate_combinations(config)
     if config.privacy.enabled:
         _validate_privacy(config, population)
+        privacy = config.privacy
+        if privacy.noise_multiplier is not None and (
+            privacy.mechanism != "tree" or privacy.tree_size is not None
+        ):  # resolved: the builder checks the combination (sigma_b against z)
+            _checked("privacy", privacy.build, config.training.cohort_size, config.seed)
     return config
 
 

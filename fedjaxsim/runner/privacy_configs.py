@@ -58,6 +58,9 @@ class PrivacyConfig:
     """Adaptive clipping: the fraction of clients that should go unclipped."""
     clip_learning_rate: float = 0.2
     """Adaptive clipping: the step of the geometric clip update."""
+    clipped_count_stddev: float | None = None
+    """Adaptive clipping: sigma_b, the noise on the unclipped count (default cohort_size / 20);
+    it must exceed noise_multiplier / 2."""
     delta: float | None = None
     """delta of (epsilon, delta)-DP; default min(1e-5, N^-1.1) for N clients."""
     target_epsilon: float | None = None
@@ -75,6 +78,26 @@ class PrivacyConfig:
     @property
     def enabled(self) -> bool:
         return self.noise_multiplier is not None or self.target_epsilon is not None
+
+    def build(self, cohort_size: int, seed: int):
+        """DP-FedAvg's or DP-FTRL's aggregator; needs the resolved noise and tree size."""
+        from fedjaxsim.privacy.dp import AdaptiveClipping, dp_fed_avg_aggregator
+
+        adaptive = None
+        if self.adaptive_clipping:
+            adaptive = AdaptiveClipping(
+                self.target_quantile, self.clip_learning_rate, self.clipped_count_stddev
+            )
+        options = {}
+        if self.mechanism == "tree":
+            options = {"mechanism": "tree", "tree_size": self.tree_size, "tree_seed": seed}
+        return dp_fed_avg_aggregator(
+            self.clip_norm,
+            self.noise_multiplier,
+            cohort_size,
+            adaptive_clipping=adaptive,
+            **options,
+        )
 
     def check(self) -> None:
         if self.noise_multiplier is not None:
@@ -102,6 +125,10 @@ class PrivacyConfig:
             check_real("target_epsilon", self.target_epsilon, minimum=0.0, strict_minimum=True)
         if self.tree_size is not None:
             check_int("tree_size", self.tree_size, minimum=1)
+        if self.clipped_count_stddev is not None:
+            check_real(
+                "clipped_count_stddev", self.clipped_count_stddev, minimum=0.0, strict_minimum=True
+            )
         if self.adaptive_clipping and self.mechanism == "tree":
             raise InvalidArgument(
                 "adaptive_clipping",

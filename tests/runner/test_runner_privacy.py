@@ -313,6 +313,10 @@ def test_cli_flags_reach_the_sections():
             ["secure_aggregation:", "aggregator.name=trimmed_mean"],
         ),
         (
+            ["--privacy.noise-multiplier", "2", "--privacy.adaptive-clipping"],
+            ["privacy.clipped_count_stddev:", "exceed noise_multiplier / 2 = 1.0", "got 0.5"],
+        ),
+        (
             ["--attack.name", "sign_flip", "--attack.fraction", "1.0"],
             ["attack.fraction:", "< 1.0"],
         ),
@@ -359,3 +363,45 @@ def test_the_progress_bar_shows_the_epsilon_spent(tmp_path, capsys):
     assert main(arguments) == 0
     err = capsys.readouterr().err
     assert f"eps={_fixed_size_epsilon(1.5, 2, cohort=10):.3g}" in err
+
+
+def _without_timings(folder):
+    records = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
+    return [{k: v for k, v in r.items() if "seconds" not in k} for r in records]
+
+
+@pytest.mark.parametrize(
+    "flags",
+    [
+        {
+            "training.sampling": "poisson",
+            "privacy.adaptive_clipping": True,
+            "privacy.clipped_count_stddev": 1.0,
+        },
+        {"training.sampling": "shuffle", "privacy.mechanism": "tree", "privacy.tree_size": 4},
+    ],
+    ids=["poisson_adaptive", "shuffle_tree"],
+)
+def test_a_private_run_resumed_from_a_checkpoint_continues_exactly(tmp_path, flags):
+    """The noise, the adaptive clip, the tree's position and epsilon carry over bit for bit."""
+    config = replace(
+        load_config(write_tiny_config(tmp_path)),
+        **{
+            "training.rounds": 6,
+            "evaluation.every": 3,
+            "evaluation.per_client_every": 0,
+            "checkpoint.every": 3,
+            "privacy.noise_multiplier": 1.0,
+            "privacy.clip_norm": 0.5,
+            **flags,
+        },
+    )
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    run_experiment(replace(config, output_dir=str(straight)))
+    run_experiment(replace(config, output_dir=str(resumed), **{"training.rounds": 3}))
+    run_experiment(replace(config, output_dir=str(resumed)), resume="require")
+    assert _without_timings(resumed) == _without_timings(straight)
+    assert_bitwise_equal(
+        checkpoint_leaves(resumed / "checkpoints" / "6"),
+        checkpoint_leaves(straight / "checkpoints" / "6"),
+    )
