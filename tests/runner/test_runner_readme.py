@@ -6,7 +6,7 @@ import shlex
 from pathlib import Path
 
 from fedjaxsim.runner.cli import main
-from fedjaxsim.runner.config import parse_run_arguments
+from fedjaxsim.runner.config import parse_run_arguments, resolve
 
 ROOT = Path(__file__).resolve().parents[2]
 README = (ROOT / "README.md").read_text()
@@ -33,7 +33,8 @@ def test_readme_config_command_parses(monkeypatch):
 def test_readme_privacy_commands_parse_to_what_the_text_says(monkeypatch):
     monkeypatch.chdir(ROOT)
     commands = [c for c in _commands("fedjaxsim") if c[0] == "run"]
-    parsed = [parse_run_arguments(command[1:])[0] for command in commands]
+    # Resolved as a run would be (accounting included), so each command also starts.
+    parsed = [resolve(parse_run_arguments(command[1:])[0], "cpu") for command in commands]
     by_output = {config.output_dir: config for config in parsed}
     assert by_output["runs/digits-dp-fedavg"].privacy.target_epsilon == 10.0
     assert by_output["runs/dp-try"].training.sampling == "poisson"
