@@ -1,4 +1,4 @@
-"""Command line: ``fedjaxsim run [--config FILE.yaml] [overrides]`` and ``fedjaxsim plot``.
+"""Command line: ``fedjaxsim run``, ``plot``, ``predict``, ``evaluate`` and ``data inspect``.
 
 ``fedjaxsim run --help`` lists every config key as a flag; see
 :mod:`fedjaxsim.runner.config`.
@@ -7,15 +7,24 @@
 from __future__ import annotations
 
 import argparse
+import json
 import sys
+
+import numpy as np
 
 from fedjaxsim.runner.platform import configure_xla_cpu, default_host_device_count
 
 USAGE = """usage: fedjaxsim run [--config FILE.yaml] [--resume] [--quiet] [--KEY VALUE ...]
        fedjaxsim plot DIR [DIR ...] --output FILE.png
+       fedjaxsim predict RUN_DIR INPUT [INPUT ...] [--json] [--invert]
+       fedjaxsim evaluate RUN_DIR [--split {test,train}] [--per-client] [--json]
+       fedjaxsim data inspect [--dataset NAME] [--data.KEY VALUE ...] --output FILE.png
 
-  run    run (or resume) a federated experiment; `fedjaxsim run --help` lists the keys
-  plot   accuracy and loss against rounds and wall time, several runs side by side
+  run       run (or resume) a federated experiment; `fedjaxsim run --help` lists the keys
+  plot      accuracy and loss against rounds and wall time, several runs side by side
+  predict   the class and its probability for images (PNG, JPEG) or .npy arrays
+  evaluate  re-evaluate a saved run's latest checkpoint
+  data      `data inspect`: a picture and a summary of a federated dataset
 """
 
 
@@ -63,6 +72,105 @@ def _plot(argv: list[str]) -> int:
     return 0
 
 
+def _predict(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(
+        prog="fedjaxsim predict",
+        description="Predicts with the latest checkpoint of a run: the class and its "
+        "probability for each input. Images are converted to the model's input (channels, "
+        "size, [0, 1] scale, the training data's gray levels); .npy arrays are taken as they "
+        "are (one input or a batch).",
+    )
+    parser.add_argument("run_dir", metavar="RUN_DIR", help="output folder of `fedjaxsim run`")
+    parser.add_argument("inputs", nargs="+", metavar="INPUT", help=".png, .jpg or .npy files")
+    parser.add_argument("--json", action="store_true", help="print one JSON object per input")
+    parser.add_argument(
+        "--invert", action="store_true", help="images are dark ink on a light background"
+    )
+    arguments = parser.parse_args(argv)
+    from fedjaxsim.runner.predict import RunError, load_run, predict, read_inputs
+
+    try:
+        run = load_run(arguments.run_dir)
+        x, names = read_inputs(arguments.inputs, run.inputs, invert=arguments.invert)
+    except RunError as error:
+        print(f"fedjaxsim predict: {error}", file=sys.stderr)
+        return 2
+    probabilities = predict(run, x)
+    for name, row in zip(names, probabilities):
+        label = int(np.argmax(row))
+        if arguments.json:
+            record = {"input": name, "class": label, "probability": float(row[label])}
+            record["probabilities"] = [float(p) for p in row]
+            print(json.dumps(record))
+        else:
+            print(f"{name}: class {label} (probability {row[label]:.4f})")
+    return 0
+
+
+def _evaluate(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(
+        prog="fedjaxsim evaluate",
+        description="Re-evaluates the latest checkpoint of a run on a split of its dataset, "
+        "as the run evaluated it.",
+    )
+    parser.add_argument("run_dir", metavar="RUN_DIR", help="output folder of `fedjaxsim run`")
+    parser.add_argument("--split", choices=("test", "train"), default="test")
+    parser.add_argument(
+        "--per-client", action="store_true", help="add the distribution of per-client accuracy"
+    )
+    parser.add_argument("--json", action="store_true", help="print the result as JSON")
+    arguments = parser.parse_args(argv)
+    from fedjaxsim.runner.config import ConfigError
+    from fedjaxsim.runner.predict import RunError, evaluate_run, load_run
+
+    try:
+        result = evaluate_run(load_run(arguments.run_dir), arguments.split, arguments.per_client)
+    except (RunError, ConfigError, FileNotFoundError) as error:
+        print(f"fedjaxsim evaluate: {error}", file=sys.stderr)
+        return 2
+    if arguments.json:
+        print(json.dumps(result))
+    else:
+        print(" ".join(f"{key}={value}" for key, value in result.items()))
+    return 0
+
+
+def _data(argv: list[str]) -> int:
+    if not argv or argv[0] != "inspect":
+        print(
+            "usage: fedjaxsim data inspect [--dataset NAME] [--data.KEY VALUE ...] "
+            "--output FILE.png [--json]",
+            file=sys.stderr,
+        )
+        return 2
+    parser = argparse.ArgumentParser(
+        prog="fedjaxsim data inspect",
+        description="Draws a federated dataset (client sizes, label distribution per client, "
+        "sample inputs) and prints its size and skew. The dataset is chosen with the keys of "
+        "`fedjaxsim run`: --dataset NAME and --data.KEY VALUE, --seed.",
+    )
+    parser.add_argument("--output", "-o", required=True, metavar="FILE.png")
+    parser.add_argument("--json", action="store_true", help="print the summary as JSON")
+    arguments, rest = parser.parse_known_args(argv[1:])
+    from fedjaxsim.runner.config import ConfigError, parse_run_arguments
+    from fedjaxsim.runner.inspect_data import inspect_dataset
+
+    try:
+        config, _ = parse_run_arguments(rest)
+        dataset = config.data.load(config.seed, progress=not arguments.json)
+    except (ConfigError, FileNotFoundError) as error:
+        print(f"fedjaxsim data inspect: {error}", file=sys.stderr)
+        return 2
+    summary = inspect_dataset(dataset, arguments.output, seed=config.seed)
+    if arguments.json:
+        print(json.dumps(summary))
+    else:
+        for key, value in summary.items():
+            print(f"{key}: {value:.4g}" if isinstance(value, float) else f"{key}: {value}")
+        print(f"wrote {arguments.output}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     configure_xla_cpu(host_devices=default_host_device_count(), warn_if_late=False)
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -74,6 +182,9 @@ def main(argv: list[str] | None = None) -> int:
         return _run(rest)
     if command == "plot":
         return _plot(rest)
+    commands = {"predict": _predict, "evaluate": _evaluate, "data": _data}
+    if command in commands:
+        return commands[command](rest)
     print(f"fedjaxsim: unknown command {command!r}\n\n{USAGE}", file=sys.stderr)
     return 2
 

@@ -46,6 +46,7 @@ class DigitsData:
 
     partition: ClassVar = "dirichlet"  # how the test split is cut for per-client evaluation
     shards_per_client: ClassVar = 2
+    pixel_levels: ClassVar = 16  # scikit-learn's digits have gray levels 0..16
 
     def check(self) -> None:
         check_int("num_clients", self.num_clients, minimum=1)
@@ -75,6 +76,7 @@ class FederatedEmnistData:
 
     name: Literal["federated_emnist", "federated_emnist_digits"] = "federated_emnist"
     """federated_emnist: 62 classes; federated_emnist_digits: the 10-class variant."""
+    pixel_levels: ClassVar = 255  # 8-bit images
     source: Literal["tff", "fedjax"] = "tff"
     """Published files to read (identical data)."""
     data_dir: str | None = None
@@ -109,6 +111,7 @@ class TfdsData:
     """A TFDS image dataset, its train split partitioned into clients."""
 
     name: Literal["mnist", "emnist/byclass", "fashion_mnist", "cifar10", "cifar100"] = "mnist"
+    pixel_levels: ClassVar = 255  # 8-bit images
     num_clients: NumClients = 100
     partition: Partition = "dirichlet"
     """Partitioner of the train split."""

@@ -54,6 +54,7 @@ from fedjaxsim.runner.config import (
     resolve,
 )
 from fedjaxsim.runner.evaluation import build_per_client_eval, pack_eval_clients, per_client_record
+from fedjaxsim.runner.predict import model_inputs
 from fedjaxsim.runner.prefetch import prefetch_rounds
 from fedjaxsim.runner.writers import (
     MetricsWriter,
@@ -346,6 +347,7 @@ def _run_session(config: ExperimentConfig, resume: str, stack: contextlib.ExitSt
             },
             "config": config_to_dict(config),
             "data": _data_fingerprint(dataset),
+            "model_inputs": model_inputs(config, dataset).as_json(),
             "client_store_rows": store.num_written if store is not None else 0,
             "history": history,
         }

@@ -1,0 +1,246 @@
+"""Using a trained run: ``fedjaxsim predict`` and ``fedjaxsim evaluate``.
+
+A run folder holds everything needed: ``checkpoints/`` (Orbax; the server
+state, whose ``params`` are the model) and, in each checkpoint's metadata, the
+resolved config and the model's inputs (classes, input shape, the gray levels
+of the training images). :func:`load_run` restores the latest checkpoint;
+:func:`read_inputs` turns image files or ``.npy`` arrays into model inputs the
+way the training data was preprocessed; :func:`predict` gives class
+probabilities; :func:`evaluate_run` re-evaluates the run on a split.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import jax
+import numpy as np
+
+from fedjaxsim.runner.config import ExperimentConfig, config_from_dict
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
+
+
+class RunError(ValueError):
+    """A run folder or an input that cannot be used, with what to do instead."""
+
+
+class ModelInputs(NamedTuple):
+    """What the model was trained on, as written into every checkpoint."""
+
+    num_classes: int
+    input_shape: tuple[int, ...]  # one example, e.g. (8, 8, 1)
+    pixel_levels: int  # gray levels of the training images: 16 (digits) or 255 (8-bit)
+
+    def as_json(self) -> dict:
+        return {
+            "num_classes": self.num_classes,
+            "input_shape": list(self.input_shape),
+            "pixel_levels": self.pixel_levels,
+        }
+
+
+class TrainedRun(NamedTuple):
+    folder: Path
+    round: int  # the checkpoint's round
+    config: ExperimentConfig
+    inputs: ModelInputs
+    apply: Callable  # (params, inputs, rng, train) -> logits
+    params: Any
+
+
+def model_inputs(config: ExperimentConfig, dataset) -> ModelInputs:
+    return ModelInputs(
+        int(dataset.num_classes), tuple(dataset.input_shape), int(config.data.pixel_levels)
+    )
+
+
+def load_run(folder: str | Path) -> TrainedRun:
+    """The model of ``folder``'s latest checkpoint.
+
+    Raises:
+      RunError: no such folder, or no committed checkpoint in it.
+    """
+    from fedjaxsim.models import get_model
+    from fedjaxsim.runner.checkpoints import RunCheckpointer
+
+    folder = Path(folder)
+    checkpoints = folder / "checkpoints"
+    if not folder.is_dir():
+        raise RunError(f"{folder} does not exist; pass the output folder of `fedjaxsim run`")
+    latest = None
+    if checkpoints.is_dir():
+        checkpointer = RunCheckpointer(checkpoints)
+        try:
+            latest = checkpointer.latest_round()
+            meta = checkpointer.read_meta(latest) if latest is not None else None
+        finally:
+            checkpointer.close()
+    if latest is None:
+        raise RunError(
+            f"{folder} has no checkpoint; train first (`fedjaxsim run --output-dir {folder}`, "
+            "with checkpoint.every > 0 or to the end of the run)"
+        )
+    config = config_from_dict(meta["config"])
+    if "model_inputs" in meta:
+        saved = meta["model_inputs"]
+        inputs = ModelInputs(
+            saved["num_classes"], tuple(saved["input_shape"]), saved["pixel_levels"]
+        )
+    else:  # a checkpoint written before the inputs were recorded: ask the dataset
+        inputs = model_inputs(config, config.data.load(config.seed, progress=False))
+    model = get_model(config.model, inputs.num_classes, lowering=config.execution.conv_lowering)
+    expected = jax.eval_shape(
+        model.init, jax.random.key(0), np.zeros((1, *inputs.input_shape), np.float32)
+    )
+    params = _restore_params(checkpoints / str(latest) / "state", expected)
+    return TrainedRun(folder, latest, config, inputs, model.apply, params)
+
+
+def _restore_params(path: Path, expected):
+    import orbax.checkpoint as ocp
+
+    restored = ocp.StandardCheckpointer().restore(path.absolute())
+    params = restored["params"]
+    if jax.tree.structure(params) != jax.tree.structure(expected) or any(
+        np.shape(a) != b.shape for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(expected))
+    ):
+        raise RunError(f"{path} does not hold the parameters of the run's model")
+    return jax.tree.map(lambda a, b: np.asarray(a, b.dtype), params, expected)
+
+
+def _from_image(path: Path, inputs: ModelInputs, invert: bool) -> np.ndarray:
+    """An image file as one model input: channels, size, [0, 1] scale, gray levels."""
+    from PIL import Image, UnidentifiedImageError
+
+    height, width, channels = _image_shape(path, inputs)
+    try:
+        with Image.open(path) as image:
+            image.load()
+            converted = image.convert("L" if channels == 1 else "RGB")
+    except (UnidentifiedImageError, OSError) as error:
+        raise RunError(f"{path}: cannot be decoded as an image ({error})") from None
+    if converted.size != (width, height):
+        converted = converted.resize((width, height), Image.Resampling.LANCZOS)
+    pixels = np.asarray(converted, np.float32).reshape(height, width, channels) / 255.0
+    if invert:  # dark ink on white paper -> the datasets' light ink on black
+        pixels = 1.0 - pixels
+    levels = inputs.pixel_levels
+    return (np.rint(pixels * levels) / levels).astype(np.float32)
+
+
+def _image_shape(path: Path, inputs: ModelInputs) -> tuple[int, int, int]:
+    if len(inputs.input_shape) != 3 or inputs.input_shape[2] not in (1, 3):
+        raise RunError(
+            f"{path}: the model takes inputs of shape {inputs.input_shape}, not images; "
+            "pass .npy arrays"
+        )
+    return inputs.input_shape
+
+
+def _from_array(path: Path, inputs: ModelInputs) -> np.ndarray:
+    """A ``.npy`` file: one input or a batch, in the model's own scale."""
+    try:
+        array = np.load(path, allow_pickle=False)
+    except (ValueError, OSError) as error:
+        raise RunError(f"{path}: not a readable .npy array ({error})") from None
+    shape = tuple(inputs.input_shape)
+    candidates = {shape: 1, (-1, *shape): None}
+    if shape[-1] == 1:  # the channel may be left out
+        candidates.update({shape[:-1]: 1, (-1, *shape[:-1]): None})
+    if not np.issubdtype(array.dtype, np.number):
+        raise RunError(f"{path}: holds {array.dtype} values, not numbers")
+    for candidate in candidates:
+        if len(candidate) == array.ndim and all(
+            c in (-1, s) for c, s in zip(candidate, array.shape)
+        ):
+            return array.astype(np.float32).reshape(-1, *shape)
+    raise RunError(
+        f"{path}: shape {array.shape} does not fit the model's input {shape} "
+        f"(one input {shape}, or a batch [n, {', '.join(map(str, shape))}])"
+    )
+
+
+def read_inputs(
+    paths: Sequence[str | Path], inputs: ModelInputs, invert: bool = False
+) -> tuple[np.ndarray, list[str]]:
+    """Model inputs from image files (PNG, JPEG) and ``.npy`` arrays.
+
+    Images are converted to the model's channels (grayscale or RGB) and size,
+    scaled to [0, 1] and rounded to the training data's gray levels (the
+    digits have 17, 0 to 16), so an image saved from the dataset reads back
+    exactly. ``invert`` flips dark-on-light images to the datasets'
+    light-on-dark. ``.npy`` arrays are taken as they are: one input or a batch.
+
+    Returns:
+      ``(float32[n, *input_shape], names)``; a batch file gives ``name[i]``.
+
+    Raises:
+      RunError: a missing file, an unknown suffix, an undecodable image or
+        an array of the wrong shape, naming the file.
+    """
+    batches, names = [], []
+    for path in map(Path, paths):
+        if not path.is_file():
+            raise RunError(f"{path}: no such file")
+        suffix = path.suffix.lower()
+        if suffix in IMAGE_SUFFIXES:
+            batches.append(_from_image(path, inputs, invert)[None])
+            names.append(str(path))
+        elif suffix == ".npy":
+            batch = _from_array(path, inputs)
+            batches.append(batch)
+            names += [str(path)] if len(batch) == 1 else [f"{path}[{i}]" for i in range(len(batch))]
+        else:
+            raise RunError(
+                f"{path}: unknown input type {suffix!r}; pass .png, .jpg, .jpeg or .npy files"
+            )
+    return np.concatenate(batches), names
+
+
+def predict(run: TrainedRun, x: np.ndarray) -> np.ndarray:
+    """Class probabilities, float32[n, num_classes]."""
+    logits = jax.jit(lambda params, x: run.apply(params, x, None, False))(run.params, x)
+    return np.asarray(jax.nn.softmax(logits, axis=-1))
+
+
+def evaluate_run(run: TrainedRun, split: str = "test", per_client: bool = False) -> dict:
+    """Loss and accuracy of the run's model on ``split``, as the runner computes them.
+
+    ``per_client`` adds the distribution of per-client accuracy: over the
+    runner's fixed sample of test clients for ``test``, over every training
+    client for ``train``.
+    """
+    from fedjaxsim.core.evaluation import batch_for_eval, build_classification_eval
+    from fedjaxsim.runner.components import load_dataset, sample_evaluation_clients
+    from fedjaxsim.runner.evaluation import (
+        build_per_client_eval,
+        pack_eval_clients,
+        per_client_record,
+    )
+
+    config = run.config
+    dataset = load_dataset(config)
+    data = dataset.test if split == "test" else dataset.train
+    examples = data.all_examples()
+    batches = batch_for_eval(examples["x"], examples["y"], config.evaluation.batch_size)
+    sums = jax.device_get(build_classification_eval(run.apply)(run.params, batches))
+    result = {
+        "run": str(run.folder),
+        "round": run.round,
+        "split": split,
+        "examples": int(sums["num_examples"]),
+        "loss": float(sums["loss_sum"] / sums["num_examples"]),
+        "accuracy": float(sums["num_correct"] / sums["num_examples"]),
+    }
+    if per_client:
+        if split == "test":
+            clients, _ = sample_evaluation_clients(config, dataset)
+        else:
+            clients = data.clients(list(range(data.num_clients)))
+        packed = pack_eval_clients(clients, config.evaluation.per_client_batch_size)
+        evaluate = build_per_client_eval(run.apply, config.evaluation.per_client_chunk)
+        result.update(per_client_record(jax.device_get(evaluate(run.params, packed))))
+    return result
