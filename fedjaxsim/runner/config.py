@@ -125,9 +125,7 @@ class TrainingConfig:
     weighting: Literal["num_examples", "num_processed", "uniform"] = "num_examples"
     """Client weights in the average."""
     sampling: Literal["fixed_size", "poisson", "shuffle"] = "fixed_size"
-    """How cohorts are drawn: fixed_size (cohort_size clients, uniformly without replacement),
-    poisson (each client independently with probability cohort_size / num_clients; the
-    cohort's size varies), shuffle (epochs of disjoint cohorts: each client once per epoch)."""
+    """Cohorts: fixed_size (uniform without replacement), poisson (cohort_size expected), shuffle."""
 
 
 @dataclasses.dataclass(frozen=True)

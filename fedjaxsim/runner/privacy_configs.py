@@ -59,15 +59,13 @@ class PrivacyConfig:
     clip_learning_rate: float = 0.2
     """Adaptive clipping: the step of the geometric clip update."""
     clipped_count_stddev: float | None = None
-    """Adaptive clipping: sigma_b, the noise on the unclipped count (default cohort_size / 20);
-    it must exceed noise_multiplier / 2."""
+    """Adaptive clipping: sigma_b, noise on the unclipped count (> z / 2; default cohort / 20)."""
     delta: float | None = None
     """delta of (epsilon, delta)-DP; default min(1e-5, N^-1.1) for N clients."""
     target_epsilon: float | None = None
     """Find the smallest noise multiplier whose epsilon after training.rounds is at most this."""
     mechanism: Literal["gaussian", "tree"] = "gaussian"
-    """gaussian: fresh noise every round (DP-FedAvg); tree: tree-aggregated noise (DP-FTRL),
-    with training.sampling shuffle."""
+    """gaussian: DP-FedAvg, fresh noise a round; tree: DP-FTRL (with training.sampling shuffle)."""
     accountant: Literal["rdp", "pld"] = "rdp"
     """rdp (Renyi DP) or pld (privacy loss distributions, Poisson sampling only)."""
     tree_size: int | None = None
