@@ -125,7 +125,7 @@ class TrainingConfig:
     weighting: Literal["num_examples", "num_processed", "uniform"] = "num_examples"
     """Client weights in the average."""
     sampling: Literal["fixed_size", "poisson", "shuffle"] = "fixed_size"
-    """Cohorts: fixed_size (uniform without replacement), poisson (cohort_size expected), shuffle."""
+    """Cohorts: fixed_size (uniform, no replacement), poisson (cohort_size expected), shuffle."""
 
 
 @dataclasses.dataclass(frozen=True)
