@@ -1,10 +1,12 @@
 """fedjaxsim: federated learning simulation in JAX, with clients on an array axis.
 
-The functional API: build an :class:`Algorithm` (``fed_avg``, ``scaffold``
-and the rest, or your own record of pure functions), optionally swap its
-aggregator (:func:`with_aggregator`: DP, robust rules, compression, secure
-aggregation), pack a cohort on the host with :func:`pack_cohort`, and run
-:func:`build_round`'s jitted round.
+The functional API: build an :class:`~fedjaxsim.core.algorithm.Algorithm`
+(``fed_avg``, ``scaffold`` and the rest, or your own record of pure
+functions), optionally swap its aggregator
+(:func:`~fedjaxsim.core.algorithm.with_aggregator`: DP, robust rules,
+compression, secure aggregation), pack a cohort on the host with
+:func:`~fedjaxsim.core.packing.pack_cohort`, and run the jitted round of
+:func:`~fedjaxsim.core.engine.round.build_round`.
 """
 
 from fedjaxsim.algorithms.ditto import ditto

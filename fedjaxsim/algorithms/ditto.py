@@ -80,7 +80,7 @@ def ditto(
       server_learning_rate: step size ``>= 0`` on the averaged delta.
 
     Returns:
-      FedAvg's :class:`Algorithm` (server state
+      FedAvg's :class:`~fedjaxsim.core.algorithm.Algorithm` (server state
       :class:`fedjaxsim.algorithms.fed_avg.ServerState`) with Ditto's local
       training, to run with ``client_states`` gathered from a store whose
       default is ``algorithm.initial_client_state(params)``. Client metrics

@@ -84,7 +84,7 @@ def fed_avg(
         params to the weighted average of the client params (plain FedAvg).
 
     Returns:
-      An :class:`Algorithm` with the weighted mean as its aggregator
+      An :class:`~fedjaxsim.core.algorithm.Algorithm` with the weighted mean as its aggregator
       (``fedjaxsim.core.algorithm.with_aggregator`` swaps it). Its server state
       is :class:`ServerState`.
     """

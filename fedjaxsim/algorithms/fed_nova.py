@@ -73,7 +73,7 @@ def fed_nova(
         ``mu >= 0`` with ``lr * mu < 1``.
 
     Returns:
-      An :class:`Algorithm` with FedAvg's
+      An :class:`~fedjaxsim.core.algorithm.Algorithm` with FedAvg's
       :class:`~fedjaxsim.algorithms.fed_avg.ServerState`.
 
     Raises:

@@ -49,7 +49,7 @@ def fed_prox(
         ``optax.sgd(1.0)`` (the server takes the weighted average model).
 
     Returns:
-      An :class:`Algorithm` whose server state is
+      An :class:`~fedjaxsim.core.algorithm.Algorithm` whose server state is
       :class:`fedjaxsim.algorithms.fed_avg.ServerState`. Client metrics report
       the data loss (``loss_sum``) without the proximal term.
 

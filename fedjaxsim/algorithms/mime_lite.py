@@ -87,7 +87,7 @@ def mime_lite(
       server_learning_rate: step size ``>= 0`` on the averaged client delta.
 
     Returns:
-      An :class:`Algorithm` with :class:`MimeLiteServerState`.
+      An :class:`~fedjaxsim.core.algorithm.Algorithm` with :class:`MimeLiteServerState`.
 
     Raises:
       ValueError: for a negative or non-finite ``server_learning_rate``.

@@ -74,7 +74,7 @@ def personalized_evaluation(
         ``client_states``, instead of the broadcast model.
 
     Returns:
-      An :class:`Algorithm` whose client metrics hold ``<name>_sum`` per
+      An :class:`~fedjaxsim.core.algorithm.Algorithm` whose client metrics hold ``<name>_sum`` per
       metric and ``num_test_examples`` (:func:`per_client_means` divides
       them), and whose server state never changes.
 

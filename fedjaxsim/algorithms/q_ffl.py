@@ -72,7 +72,7 @@ def q_ffl(
         as in the paper.
 
     Returns:
-      An :class:`Algorithm` with FedAvg's
+      An :class:`~fedjaxsim.core.algorithm.Algorithm` with FedAvg's
       :class:`~fedjaxsim.algorithms.fed_avg.ServerState`. Client metrics
       include ``server_model_loss`` (``F_k`` at the server model).
 

@@ -88,8 +88,9 @@ def scaffold(
       server_learning_rate: the global step size ``eta_g >= 0``.
 
     Returns:
-      An :class:`Algorithm` with :class:`ScaffoldServerState`. It must be run
-      with ``client_states`` gathered from a
+      An :class:`~fedjaxsim.core.algorithm.Algorithm` with
+      :class:`ScaffoldServerState`. It must be run with ``client_states``
+      gathered from a
       :class:`~fedjaxsim.core.client_state.ClientStateStore` whose default is
       ``algorithm.initial_client_state(params)``; ``RoundOutput.client_states``
       holds the new :class:`ScaffoldClientState` of every client to scatter back.

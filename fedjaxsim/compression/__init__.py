@@ -4,11 +4,15 @@
   quantization to ``b`` bits (Suresh et al. 2017; QSGD).
 * :mod:`fedjaxsim.compression.hadamard`: the randomized Walsh-Hadamard
   rotation applied before quantization.
-* :mod:`fedjaxsim.compression.aggregators`: :func:`compressed`, which wraps
-  any aggregator so that it aggregates what the server decodes of each
-  client's whole message (update and side channel) under a
-  :class:`Compressor` (:func:`quantizer`, :func:`top_k_compressor`), and
-  reports bits per client; :func:`quantized_mean` is
+* :mod:`fedjaxsim.compression.aggregators`:
+  :func:`~fedjaxsim.compression.aggregators.compressed`, which wraps any
+  aggregator so that it aggregates what the server decodes of each client's
+  whole message (update and side channel) under a
+  :class:`~fedjaxsim.compression.aggregators.Compressor`
+  (:func:`~fedjaxsim.compression.quantization.quantizer`,
+  :func:`~fedjaxsim.compression.sparsification.top_k_compressor`), and
+  reports bits per client;
+  :func:`~fedjaxsim.compression.aggregators.quantized_mean` is
   ``compressed(weighted_mean(), quantizer(b))``.
 * :mod:`fedjaxsim.compression.sparsification`: top-k sparsification with
   error feedback (Stich et al. 2018; Karimireddy et al. 2019), the residual

@@ -47,17 +47,17 @@ def compressed(aggregator: Aggregator, compressor: Compressor) -> Aggregator:
 
     Args:
       aggregator: any aggregator; its state is the wrapper's state.
-      compressor: e.g. :func:`~fedjaxsim.compression.quantizer` or
-        :func:`~fedjaxsim.compression.top_k_compressor`. It receives the
-        client's whole message as one flat vector and
+      compressor: e.g. :func:`~fedjaxsim.compression.quantization.quantizer` or
+        :func:`~fedjaxsim.compression.sparsification.top_k_compressor`. It
+        receives the client's whole message as one flat vector and
         ``fold_in(client_key, _COMPRESSOR_STREAM)``; the wrapped aggregator's
         ``client_transform`` receives the decoded message and
         ``fold_in(client_key, _INNER_STREAM)``. ``finalize`` passes its key
         through unchanged.
 
     Returns:
-      An :class:`Aggregator` whose ``finalize`` returns the wrapped
-      aggregator's aggregate, state and metrics, plus
+      An :class:`~fedjaxsim.core.aggregators.Aggregator` whose ``finalize``
+      returns the wrapped aggregator's aggregate, state and metrics, plus
       ``compression_bits_per_client`` (bits sent) and
       ``compression_uncompressed_bits_per_client`` (the message's bits as
       sent uncompressed, 32 per float32 value): means over the clients that
@@ -65,8 +65,9 @@ def compressed(aggregator: Aggregator, compressor: Compressor) -> Aggregator:
 
     Raises:
       InvalidArgument: naming ``aggregator`` when it is not an
-        :class:`Aggregator`, ``compressor`` when it is not callable; when
-        traced, ``compressor`` for an aggregator that already compresses
+        :class:`~fedjaxsim.core.aggregators.Aggregator`, ``compressor`` when
+        it is not callable; when traced, ``compressor`` for an aggregator
+        that already compresses
         (nested ``compressed``: compose the compressors into one instead).
     """
     if not isinstance(aggregator, Aggregator):

@@ -17,7 +17,7 @@ so ``E[decoded_i] = x_i``: the decoded vector is an unbiased estimate of
 average update. A constant vector is sent exactly. Cost: ``b d + 64`` bits.
 
 :func:`quantizer` packages the round trip (encode on the client, decode on the
-server) as a compressor for :func:`fedjaxsim.compression.compressed`.
+server) as a compressor for :func:`fedjaxsim.compression.aggregators.compressed`.
 """
 
 from __future__ import annotations
@@ -112,7 +112,7 @@ def quantizer(num_bits: int, rotation: bool = False):
         al.'s ``pi_srk``); the message is zero-padded to a power of two ``n``.
 
     Returns:
-      A :class:`~fedjaxsim.compression.Compressor`: ``(vector float32[d], rng)
+      A :class:`~fedjaxsim.compression.aggregators.Compressor`: ``(vector float32[d], rng)
       -> (decoded float32[d], bits float32[])`` with ``bits = b d + 64``
       (``b n + 64`` with the rotation).
 

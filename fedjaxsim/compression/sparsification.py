@@ -75,7 +75,7 @@ def top_k_compressor(*, k: int | None = None, fraction: float | None = None) -> 
     """Top-k sparsification of a flat vector; give exactly one of ``k``, ``fraction``.
 
     The vector is the update plus residual under :func:`with_error_feedback`,
-    and the whole message under :func:`~fedjaxsim.compression.compressed`
+    and the whole message under :func:`~fedjaxsim.compression.aggregators.compressed`
     (there without error feedback: what is dropped is lost, and the mean biased).
 
     Args:
@@ -83,7 +83,7 @@ def top_k_compressor(*, k: int | None = None, fraction: float | None = None) -> 
       fraction: the fraction of coordinates kept, in (0, 1]; ``k = ceil(fraction d)``.
 
     Returns:
-      A :class:`~fedjaxsim.compression.Compressor`; bits sent are
+      A :class:`~fedjaxsim.compression.aggregators.Compressor`; bits sent are
       ``k (32 + ceil(log2 d))`` (values and indices).
 
     Raises:
@@ -118,7 +118,7 @@ def with_error_feedback(algorithm: Algorithm, compressor: Compressor) -> Algorit
       compressor: e.g. :func:`top_k_compressor`.
 
     Returns:
-      The wrapped :class:`Algorithm`, whose client state is
+      The wrapped :class:`~fedjaxsim.core.algorithm.Algorithm`, whose client state is
       :class:`ErrorFeedbackClientState` (``initial_client_state``: a zero
       residual around the wrapped algorithm's own default). Client metrics
       gain ``bits_sent``, ``uncompressed_bits`` and ``residual_norm`` (after

@@ -283,7 +283,7 @@ def pack_cohort(
     num_clients: int | None = None,
     template: Mapping[str, np.ndarray] | None = None,
 ) -> Cohort:
-    """Packs ragged clients into one stacked :class:`Cohort`.
+    """Packs ragged clients into one stacked :class:`~fedjaxsim.core.client_batch.Cohort`.
 
     Args:
       clients: one mapping per sampled client from field name (e.g. ``"x"``,

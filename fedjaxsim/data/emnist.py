@@ -10,7 +10,8 @@ that all hold the same writers and examples:
 * LEAF: FEMNIST JSON shards from ``data/femnist/preprocess.sh``
   (:func:`read_leaf_femnist`; LEAF publishes the script, not the files).
 
-Every reader gives the same :class:`FederatedData`: clients sorted by writer
+Every reader gives the same
+:class:`~fedjaxsim.data.federated.FederatedData`: clients sorted by writer
 id (FedJAX's hash prefix removed), ``"x"`` uint8[N, 28, 28, 1] with scale 255
 and ``"y"`` int32[N]. The sources store 1.0 for the white background and 0.0
 for ink; fedjaxsim stores ``255 * (1 - p)``, so the model sees float32 in

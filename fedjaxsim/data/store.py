@@ -12,8 +12,9 @@ It is written into a temporary sibling folder and renamed into place, so a
 reader never sees a half-written store. Loading opens every field with
 ``np.load(mmap_mode="r")``: a population of 1,000,000 clients costs its offsets
 (8 MB) at load time, and gathering a cohort reads only that cohort's rows.
-A :class:`FederatedDataset` is a folder with ``train/`` and ``test/`` stores
-plus ``dataset.json`` (name, classes, input shape).
+A :class:`~fedjaxsim.data.federated.FederatedDataset` is a folder with
+``train/`` and ``test/`` stores plus ``dataset.json`` (name, classes, input
+shape).
 """
 
 from __future__ import annotations

@@ -190,7 +190,7 @@ class ClientCollector:
         """The kept clients as one FederatedData; warns once about dropped ones.
 
         Args:
-          field_scales: see :class:`FederatedData`.
+          field_scales: see :class:`~fedjaxsim.data.federated.FederatedData`.
           sort_by_name: order clients by id, so that every file format holding
             the same clients gives the same population.
 

@@ -3,7 +3,7 @@
 The weight gradient of ``x @ w`` is ``x^T @ g``: a dot whose left operand is
 transposed. On XLA:CPU (jax 0.10.2) YNNPACK does not take that form and the
 dot falls back to Eigen, which made it the largest single cost of a
-small-batch training step. With ``cpu_gradients`` (what :func:`get_model`
+small-batch training step. With ``cpu_gradients`` (what :func:`~fedjaxsim.models.get_model`
 picks on the CPU backend), :func:`affine` materialises ``x^T`` (or ``g^T``,
 whichever is smaller) behind an optimization barrier, so the weight gradient
 is a plain dot, and the bias gradient comes out of the same dot (a row of

@@ -5,7 +5,7 @@
   Gaussian noise on the sum, fixed-denominator estimator, adaptive clipping
   (Andrew et al. 2021), ``noise_cohort_size``; and DP-FTRL (Kairouz et al.
   2021): ``mechanism="tree"``, tree-aggregated noise restarted every
-  ``tree_size`` rounds (:func:`tree_noise_increment`).
+  ``tree_size`` rounds (:func:`~fedjaxsim.privacy.dp.tree_noise_increment`).
 * :mod:`fedjaxsim.privacy.accounting`: epsilon with ``dp-accounting`` (RDP and
   PLD) for the sampler and mechanism actually used (fixed-size or Poisson
   sampling with the Gaussian, shuffling with the tree; no default sampler),

@@ -526,7 +526,7 @@ def epsilon_schedule(
     Args: as :func:`compute_epsilon`, with ``num_rounds >= 1``.
 
     Returns:
-      An :class:`EpsilonSchedule`; ``epsilons[t - 1]`` equals
+      An :class:`~fedjaxsim.privacy.dp.EpsilonSchedule`; ``epsilons[t - 1]`` equals
       ``compute_epsilon(..., num_rounds=t)`` (PLD: up to the discretization's
       rounding, as it composes the rounds one by one).
 
@@ -579,9 +579,10 @@ def find_noise_multiplier(
       target_epsilon: the privacy budget (> 0).
       num_rounds: rounds to run (>= 1).
       delta: target delta in (0, 1).
-      cohort_size, num_total_clients, sampling, mechanism, tree_size,
-        accountant, pld_discretization: as :func:`compute_epsilon`.
+      cohort_size, num_total_clients, sampling: as :func:`compute_epsilon`.
+      mechanism, tree_size, accountant: as :func:`compute_epsilon`.
       tolerance: absolute tolerance on the noise multiplier (> 0).
+      pld_discretization: as :func:`compute_epsilon`.
 
     Returns:
       The noise multiplier ``z`` (a float): :func:`compute_epsilon` gives at

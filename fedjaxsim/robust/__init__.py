@@ -7,7 +7,7 @@
   (``fedjaxsim.core.algorithm.with_aggregator``).
 * :mod:`fedjaxsim.robust.attacks`: sign flipping, scaled model replacement
   (Bagdasaryan et al. 2020) and label flipping (Tolpegin et al. 2020) by a
-  fixed set of malicious clients, via :func:`with_attack`.
+  fixed set of malicious clients, via :func:`~fedjaxsim.robust.attacks.with_attack`.
 """
 
 from fedjaxsim.robust.aggregators import (

@@ -203,7 +203,7 @@ def with_attack(algorithm: Algorithm, attack: Attack) -> Algorithm:
       attack: what malicious clients do.
 
     Returns:
-      The wrapped :class:`Algorithm`.
+      The wrapped :class:`~fedjaxsim.core.algorithm.Algorithm`.
 
     Raises:
       ValueError: when the round is traced without an :class:`AttackClientState`.

@@ -62,13 +62,10 @@ def _is_image(dataset) -> bool:
 
 def build_inspection_figure(dataset, counts: np.ndarray, seed: int = 0):
     """The figure of the module doc; the heatmap's clients are a seeded sample."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure  # outside pyplot: the caller's backend is kept
 
     image = _is_image(dataset)
-    figure = plt.figure(figsize=(14, 9 if image else 4.5))
+    figure = Figure(figsize=(14, 9 if image else 4.5))
     grid = figure.add_gridspec(2 if image else 1, 2)
     sizes_axis = figure.add_subplot(grid[0, 0])
     sizes_axis.hist(counts.sum(axis=1), bins=min(50, max(5, len(counts) // 5)))

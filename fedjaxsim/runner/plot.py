@@ -87,17 +87,20 @@ def collect_series(folders: Sequence[str | Path]) -> dict[str, dict[str, tuple[l
 
 
 def build_figure(series: Mapping[str, Mapping[str, tuple[list, list]]]):
-    """A 2x2 matplotlib figure of :func:`collect_series`' output."""
-    import matplotlib
+    """A 2x2 matplotlib figure of :func:`collect_series`' output.
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    A bare ``Figure``, outside pyplot, so drawing it neither switches the
+    caller's backend (a notebook keeps its inline plots) nor leaks a window.
+    """
+    import matplotlib
+    from matplotlib.figure import Figure
 
     private = any(panels["accuracy_vs_epsilon"][0] for panels in series.values())
     rows = 3 if private else 2
-    figure, axes = plt.subplots(rows, 2, figsize=(12, 4 * rows), squeeze=False)
+    figure = Figure(figsize=(12, 4 * rows))
+    axes = figure.subplots(rows, 2, squeeze=False)
     (accuracy_round, accuracy_time), (loss_round, loss_time) = axes[:2]
-    colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    colours = matplotlib.rcParams["axes.prop_cycle"].by_key()["color"]
     for index, (label, panels) in enumerate(series.items()):
         colour = colours[index % len(colours)]
         style = {"color": colour, "marker": "o", "markersize": 3}
@@ -159,14 +162,11 @@ def draw_privacy(series, accuracy_epsilon, frontier, colours) -> None:
 
 
 def save_figure(figure, path: str | Path, dpi: int = 100) -> None:
-    """Saves as PNG atomically and closes the figure."""
+    """Saves as PNG atomically."""
     import io
-
-    import matplotlib.pyplot as plt
 
     buffer = io.BytesIO()
     figure.savefig(buffer, format="png", dpi=dpi)
-    plt.close(figure)
     write_atomic(Path(path), buffer.getvalue())
 
 

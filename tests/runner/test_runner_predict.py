@@ -169,3 +169,43 @@ def test_data_inspect_writes_a_png_and_prints_the_summary(tmp_path, capsys):
     assert main(["data", "inspect", "--dataset", "nope", "--output", str(bad)]) == 2
     assert "nope" in capsys.readouterr().err
     assert not bad.exists()
+
+
+def _documented_commands(program: str) -> list[list[str]]:
+    """The ``fedjaxsim <program>`` lines of docs/cli.md's bash blocks, after the program name."""
+    import re
+    import shlex
+    from pathlib import Path
+
+    page = Path(__file__).resolve().parents[2] / "docs" / "cli.md"
+    lines = []
+    for block in re.findall(r"```bash\n(.*?)```", page.read_text(), flags=re.DOTALL):
+        lines += [shlex.split(line)[1:] for line in block.splitlines()]
+    return [line for line in lines if line[:1] == [program] or line[:2] == program.split()]
+
+
+def test_the_documented_predict_evaluate_and_inspect_lines_run(
+    tiny_run, held_out, tmp_path, monkeypatch, capsys
+):
+    from PIL import Image
+
+    _, run = tiny_run
+    images, _ = held_out
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "runs").mkdir()
+    (tmp_path / "runs" / "digits-fedavg").symlink_to(run)
+    gray = np.rint(images[0][..., 0] * 255).astype(np.uint8)
+    Image.fromarray(gray, mode="L").save("seven.png")
+    Image.fromarray(gray, mode="L").convert("RGB").save("eight.jpg")
+    np.save("batch.npy", images[:4])
+    commands = {
+        name: _documented_commands(name) for name in ("predict", "evaluate", "data inspect")
+    }
+    assert all(commands.values()), commands
+    for command in [c for group in commands.values() for c in group]:
+        capsys.readouterr()
+        assert main(command) == 0, command
+        assert capsys.readouterr().out.strip(), command
+    for (command,) in [commands["data inspect"]]:
+        output = command[command.index("--output") + 1]
+        assert (tmp_path / output).read_bytes()[:4] == b"\x89PNG"

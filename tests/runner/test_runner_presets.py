@@ -145,7 +145,7 @@ def test_emnist_dp_preset_has_the_adaptive_clipping_of_andrew_et_al():
 
 
 def test_digits_dp_preset_reaches_its_accuracy_at_epsilon_10(tmp_path):
-    """The README's claim: about 94% test accuracy at epsilon <= 10, delta 1e-5."""
+    """docs/configs.md's claim: about 94% test accuracy at epsilon <= 10, delta 1e-5."""
     from fedjaxsim.runner.config import replace
     from fedjaxsim.runner.experiment import run_experiment
 

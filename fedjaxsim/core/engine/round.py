@@ -104,7 +104,7 @@ def build_round(algorithm: Algorithm, plan: ExecutionPlan | None = None, mesh=No
 
     Args:
       algorithm: the algorithm record (with its aggregator).
-      plan: execution plan; :func:`default_plan` when None.
+      plan: execution plan; :func:`~fedjaxsim.core.engine.plan.default_plan` when None.
       mesh: optional ``jax.sharding.Mesh`` with a ``"clients"`` axis
         (``fedjaxsim.core.sharding.client_mesh``). Lanes are sharded over it
         (place cohorts with ``sharding.shard_cohort``), server state is
