@@ -14,6 +14,7 @@ keeps their per-client state.
 from fedjaxsim.algorithms import (
     ditto,
     fed_avg,
+    fed_buff,
     fed_nova,
     fed_prox,
     mime_lite,
@@ -25,6 +26,7 @@ from fedjaxsim.algorithms import (
 __all__ = [
     "ditto",
     "fed_avg",
+    "fed_buff",
     "fed_nova",
     "fed_prox",
     "mime_lite",

@@ -40,7 +40,7 @@ import optax
 from fedjaxsim.algorithms.fed_avg import fed_avg, local_loss_and_grads, step_stats
 from fedjaxsim.core.algorithm import Algorithm, ClientOutput
 from fedjaxsim.core.trees import sgd_step, tree_l2_norm, tree_scale, tree_subtract, tree_zeros_like
-from fedjaxsim.core.types import Params, PerExampleLossFn
+from fedjaxsim.core.types import Params, PerExampleLossFn, PyTree
 from fedjaxsim.core.validation import InvalidArgument, check_real
 
 
@@ -148,6 +148,68 @@ def fed_nova(
         return server_state, dict(metrics, effective_num_steps=effective_steps)
 
     return base._replace(
+        client_init=client_init,
+        client_step=client_step,
+        client_finalize=client_finalize,
+        server_update=server_update,
+    )
+
+
+class CountedLocalState(NamedTuple):
+    inner: PyTree  # the wrapped algorithm's local state
+    num_steps: jax.Array  # int32[]: real local steps taken so far (tau_i)
+
+
+def normalized_local_steps(algorithm: Algorithm, side_key: str = "local_steps") -> Algorithm:
+    """``algorithm`` with FedNova's normalisation by local steps, for partial work.
+
+    When clients stop early (a deadline, a step budget), plain averaging
+    weighs a client's delta by how far it got. This wrapper counts each
+    client's real steps ``tau_i``, sends ``delta_i / tau_i`` as its update
+    and ``tau_i`` on the side channel (a weighted mean, so ``tau_eff = sum_i
+    p_i tau_i`` comes out of the aggregator), and scales the aggregate by
+    ``tau_eff`` before the wrapped server step: FedNova with ``||a_i||_1 =
+    tau_i``, which is exact for local SGD (:func:`fed_nova` keeps the exact
+    norm for momentum and proximal terms too). When every client runs the
+    same number of steps it is the wrapped algorithm.
+
+    Raises:
+      ValueError: when the algorithm already sends a side-channel mean named
+        ``side_key``.
+    """
+
+    def client_init(broadcast, client_state, rng) -> CountedLocalState:
+        inner = algorithm.client_init(broadcast, client_state, rng)
+        return CountedLocalState(inner, jnp.zeros((), jnp.int32))
+
+    def client_step(local: CountedLocalState, batch, mask, rng):
+        inner, stats = algorithm.client_step(local.inner, batch, mask, rng)
+        return CountedLocalState(inner, local.num_steps + 1), stats
+
+    def client_finalize(broadcast, local: CountedLocalState) -> ClientOutput:
+        output = algorithm.client_finalize(broadcast, local.inner)
+        if side_key in output.means:
+            raise ValueError(
+                f"the algorithm already sends a side-channel mean {side_key!r}; pass "
+                "another side_key"
+            )
+        steps = local.num_steps.astype(jnp.float32)
+        norm = jnp.where(steps > 0, steps, 1.0)  # no step: the delta is 0 anyway
+        return output._replace(
+            update=jax.tree.map(lambda d: d / norm, output.update),
+            means=dict(output.means, **{side_key: steps}),
+        )
+
+    def server_update(server_state, aggregate, rng):
+        means = dict(aggregate.means)
+        effective_steps = means.pop(side_key)  # tau_eff
+        scaled = aggregate._replace(
+            update=tree_scale(aggregate.update, effective_steps), means=means
+        )
+        server_state, metrics = algorithm.server_update(server_state, scaled, rng)
+        return server_state, dict(metrics, effective_num_steps=effective_steps)
+
+    return algorithm._replace(
         client_init=client_init,
         client_step=client_step,
         client_finalize=client_finalize,

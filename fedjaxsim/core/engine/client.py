@@ -16,9 +16,17 @@ from fedjaxsim.core.types import PyTree
 class RoundContext(NamedTuple):
     """What every client of a round sees (replicated on a mesh)."""
 
-    broadcast: PyTree  # algorithm.broadcast(server_state)
+    broadcast: PyTree  # algorithm.broadcast(server_state); [ring, ...] under versions
     aggregator_state: PyTree  # the aggregator's state at the start of the round
     client_rng: jax.Array  # per-client keys are fold_in(client_rng, client_id)
+    versioned: bool = False  # broadcast is a ring of versions; clients pick their row
+
+
+def client_broadcast(context: RoundContext, version: jax.Array | None) -> PyTree:
+    """The broadcast a client starts from: the round's, or its row of the ring."""
+    if not context.versioned:
+        return context.broadcast
+    return jax.tree.map(lambda ring: ring[version], context.broadcast)
 
 
 class ClientSums(NamedTuple):
@@ -99,14 +107,21 @@ def finish_client(
     weight: jax.Array,
     old_state: PyTree,
     rng: jax.Array,
+    version: jax.Array | None = None,
+    update_scale: jax.Array | None = None,
 ) -> tuple[ClientSums, ClientRecord]:
     """Finalises one client and hands its payload to the aggregator.
 
     A client that does not count (weight 0, or a non-finite message) adds
-    nothing to the sums and keeps ``old_state``.
+    nothing to the sums and keeps ``old_state``. ``version`` picks the
+    client's row of a versioned broadcast; ``update_scale`` (float32[])
+    multiplies its update before the aggregator sees it (staleness weights).
     """
-    output = algorithm.client_finalize(context.broadcast, local)
-    payload = ClientPayload(output.update, dict(output.means), dict(output.sums))
+    output = algorithm.client_finalize(client_broadcast(context, version), local)
+    update = output.update
+    if update_scale is not None:
+        update = jax.tree.map(lambda leaf: (leaf * update_scale).astype(leaf.dtype), update)
+    payload = ClientPayload(update, dict(output.means), dict(output.sums))
     share = client_contribution(
         algorithm.aggregator, payload, weight, context.aggregator_state, rng
     )

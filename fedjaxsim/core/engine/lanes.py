@@ -25,6 +25,7 @@ from fedjaxsim.core.engine.client import (
     ClientSums,
     RoundContext,
     batches_with_feature_shapes,
+    client_broadcast,
     finish_client,
     guarded_step,
 )
@@ -49,6 +50,8 @@ class LaneInputs(NamedTuple):
     client_id: jax.Array  # int32[lanes, per_lane]: out of range where a position is empty
     occupied: jax.Array  # bool[lanes, per_lane]: whether a client sits at the position
     client_state: PyTree  # [lanes, per_lane, ...]: the clients' gathered states
+    version: jax.Array | None = None  # int32[lanes, per_lane]: ring row of a versioned broadcast
+    update_scale: jax.Array | None = None  # float32[lanes, per_lane]: factor on the update
 
 
 class StepInputs(NamedTuple):
@@ -192,7 +195,9 @@ def train_lane(
 
     def start(position):
         state = take(lane.client_state, position)
-        return algorithm.client_init(context.broadcast, state, init_rngs[position])
+        version = None if lane.version is None else lane.version[position]
+        broadcast = client_broadcast(context, version)
+        return algorithm.client_init(broadcast, state, init_rngs[position])
 
     local = start(0)
     stats = jax.eval_shape(client_step, local, take(lane.data, 0), lane.mask[0], client_rngs[0])[1]
@@ -230,11 +235,20 @@ def train_lane(
     local, sums, finals = run_steps(step, carry, inputs, active, live_steps, plan.scan_unroll)
     final_locals, final_sums = finals if packed else add_leading_axis((local, sums))
 
-    def finish(local, sums, weight, state, rng):
-        return finish_client(algorithm, context, local, sums, weight, state, rng)
+    def finish(local, sums, weight, state, rng, version, update_scale):
+        return finish_client(
+            algorithm, context, local, sums, weight, state, rng, version, update_scale
+        )
 
     lane_sums, records = map_positions(
-        finish, final_locals, final_sums, lane.weight, lane.client_state, aggregator_rngs
+        finish,
+        final_locals,
+        final_sums,
+        lane.weight,
+        lane.client_state,
+        aggregator_rngs,
+        lane.version,
+        lane.update_scale,
     )
     return sum_leading(lane_sums), records
 
