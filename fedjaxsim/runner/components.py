@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from fedjaxsim.algorithms.fed_nova import normalized_local_steps
 from fedjaxsim.core.algorithm import Algorithm, with_aggregator
 from fedjaxsim.core.client_state import ClientStateStore
 from fedjaxsim.core.engine import ExecutionPlan
@@ -112,6 +113,12 @@ def build_aggregator(config: ExperimentConfig):
     return config.compression.wrap_aggregator(aggregator)
 
 
+def partial_work(config: ExperimentConfig) -> bool:
+    """Whether clients may report fewer steps than their full work (late, under a deadline)."""
+    system = config.system
+    return system.deadline_seconds is not None and system.late_clients == "partial"
+
+
 def build_algorithm(
     config: ExperimentConfig, loss_fn, dataset: FederatedDataset, params
 ) -> tuple[Algorithm, ClientStates]:
@@ -136,6 +143,8 @@ def build_algorithm(
         except InvalidArgument as error:
             raise ConfigError(f"{section}.{error.name}", str(error)) from error
     algorithm = with_aggregator(built["algorithm"], built["aggregator"])
+    if partial_work(config) and config.algorithm.name != "fednova":  # FedNova normalises already
+        algorithm = normalized_local_steps(algorithm)
     algorithm = config.compression.wrap_algorithm(algorithm)
     store = None
     if algorithm.initial_client_state is not None:

@@ -56,6 +56,7 @@ from fedjaxsim.runner.privacy_configs import (
     SecureAggregationConfig,
     default_delta,
 )
+from fedjaxsim.runner.system_configs import AsynchronyConfig, SystemConfig
 
 ModelName = Literal["cnn", "dense", "logreg"]
 
@@ -213,6 +214,8 @@ class ExperimentConfig:
     secure_aggregation: SecureAggregationConfig = SecureAggregationConfig()
     compression: CompressionConfig = NoCompression()
     training: TrainingConfig = TrainingConfig()
+    system: SystemConfig = SystemConfig()
+    asynchrony: AsynchronyConfig = AsynchronyConfig()
     execution: ExecutionConfig = ExecutionConfig()
     evaluation: EvaluationConfig = EvaluationConfig()
     checkpoint: CheckpointConfig = CheckpointConfig()
@@ -477,7 +480,10 @@ def validate(config: ExperimentConfig) -> ExperimentConfig:
     _checked("attack", config.attack.build, 2)
     _checked("secure_aggregation", config.secure_aggregation.build)
     _checked("compression", config.compression.check)
+    _checked("system", config.system.check)
+    _checked("asynchrony", config.asynchrony.check)
     _validate_combinations(config)
+    _validate_system(config)
     if config.privacy.enabled:
         _validate_privacy(config, population)
         privacy = config.privacy
@@ -528,6 +534,73 @@ def _validate_combinations(config: ExperimentConfig) -> None:
             f"aggregator.name={rule}",
             "Krum needs at least 2f + 3 clients every round, and a Poisson cohort's size varies",
         )
+
+
+def _validate_system(config: ExperimentConfig) -> None:
+    """Simulated devices and asynchrony with the rest: what cannot work, naming both parts."""
+    system, asynchrony, training = config.system, config.asynchrony, config.training
+    sampler_changed = {
+        "system.over_selection": system.over_selection > 1.0,
+        "system.availability": system.availability != "always",
+        "asynchrony.mode=fedbuff": asynchrony.buffered,
+    }
+    for key, changed in sampler_changed.items():
+        if changed and config.privacy.enabled:
+            raise _conflict(
+                key,
+                "privacy",
+                "clients are then not sampled as the accountant assumes (epsilon would be "
+                "optimistic); deadlines and dropouts, which only remove sampled clients, are "
+                "allowed with privacy",
+            )
+        if changed and training.sampling != "fixed_size":
+            raise _conflict(
+                key,
+                f"training.sampling={training.sampling}",
+                "the clock samples a fixed number of online clients; use fixed_size",
+            )
+    if not asynchrony.buffered:
+        return
+    if not system.clocked:
+        raise ConfigError(
+            "asynchrony.mode",
+            "fedbuff needs simulated time: set --system.speed lognormal (or constant, or a "
+            "FedScale device-capacity trace)",
+        )
+    if system.deadline_seconds is not None or system.over_selection > 1.0:
+        raise _conflict(
+            "asynchrony.mode=fedbuff",
+            "system.deadline_seconds / system.over_selection",
+            "asynchronous clients have no round to miss; leave them unset",
+        )
+    if config.secure_aggregation.enabled:
+        raise _conflict(
+            "asynchrony.mode=fedbuff",
+            "secure_aggregation",
+            "masks are agreed within a synchronous cohort",
+        )
+    if config.attack.name != "none":
+        raise _conflict(
+            "asynchrony.mode=fedbuff",
+            f"attack.name={config.attack.name}",
+            "attacks are simulated in synchronous rounds only",
+        )
+    stateful = config.algorithm.build(_placeholder_loss, config.data.population())
+    if stateful.initial_client_state is not None:
+        raise _conflict(
+            "asynchrony.mode=fedbuff",
+            f"algorithm.name={config.algorithm.name}",
+            "a client's state would be read when it starts and written when it reports, "
+            "with other updates in between; use a stateless algorithm",
+        )
+    resolved = asynchrony.resolved(training.cohort_size)
+    population = config.data.population()
+    if resolved.concurrency > population:
+        raise ConfigError(
+            "asynchrony.concurrency",
+            f"concurrency={resolved.concurrency} is larger than the {population} clients; lower it",
+        )
+    _checked("aggregator", config.aggregator.check_cohort, resolved.buffer_size)
 
 
 def privacy_accounting(config: ExperimentConfig, population: int) -> dict:
@@ -662,7 +735,12 @@ def resolve(config: ExperimentConfig, backend: str | None = None) -> ExperimentC
     evaluation = config.evaluation
     if evaluation.per_client_every is None:
         evaluation = dataclasses.replace(evaluation, per_client_every=evaluation.every)
-    resolved = dataclasses.replace(config, execution=execution, evaluation=evaluation)
+    asynchrony = config.asynchrony
+    if asynchrony.buffered:
+        asynchrony = asynchrony.resolved(config.training.cohort_size)
+    resolved = dataclasses.replace(
+        config, execution=execution, evaluation=evaluation, asynchrony=asynchrony
+    )
     return validate(dataclasses.replace(resolved, privacy=_resolve_privacy(resolved)))
 
 

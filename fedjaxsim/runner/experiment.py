@@ -26,7 +26,12 @@ from pathlib import Path
 import jax
 import numpy as np
 
-from fedjaxsim.core.engine import build_round
+from fedjaxsim.core.engine import (
+    BufferedServer,
+    build_buffered_round,
+    build_round,
+    init_buffered,
+)
 from fedjaxsim.core.evaluation import batch_for_eval, build_classification_eval
 from fedjaxsim.core.losses import classification_loss
 from fedjaxsim.core.packing import client_count_bucket, pack_cohort
@@ -56,6 +61,7 @@ from fedjaxsim.runner.config import (
 from fedjaxsim.runner.evaluation import build_per_client_eval, pack_eval_clients, per_client_record
 from fedjaxsim.runner.predict import model_inputs
 from fedjaxsim.runner.prefetch import prefetch_rounds
+from fedjaxsim.runner.simulated_devices import model_bytes, ring_size, round_scheduler
 from fedjaxsim.runner.writers import (
     MetricsWriter,
     ProgressBar,
@@ -76,6 +82,11 @@ def _config_differences(saved: ExperimentConfig, current: ExperimentConfig) -> l
         for key in sorted(set(before) | set(after))
         if before.get(key) != after.get(key) and not key.startswith(RESUMABLE_CHANGES)
     ]
+
+
+def server_params(state):
+    """The model's params in the server state (of FedBuff's buffered server too)."""
+    return state.server_state.params if isinstance(state, BufferedServer) else state.params
 
 
 def _data_fingerprint(dataset) -> dict:
@@ -268,7 +279,10 @@ def _run_session(config: ExperimentConfig, resume: str, stack: contextlib.ExitSt
                 "lower it, or on CPU set XLA_FLAGS=--xla_force_host_platform_device_count=N",
             )
         mesh = client_mesh(available[: config.execution.num_devices])
+    buffered = config.asynchrony.buffered
     state = algorithm.init(params)
+    if buffered:  # the server with a ring of its recent versions on the device
+        state = init_buffered(algorithm, state, ring_size(config))
     history: list[dict] = []
     if meta is not None:
         if meta["data"] != _data_fingerprint(dataset):
@@ -293,7 +307,12 @@ def _run_session(config: ExperimentConfig, resume: str, stack: contextlib.ExitSt
 
     if mesh is not None:  # the initial or restored state, replicated on the mesh
         state = jax.device_put(state, replicated(mesh))
-    round_fn = build_round(algorithm, plan, mesh=mesh)
+    if buffered:
+        round_fn = build_buffered_round(
+            algorithm, plan, mesh=mesh, staleness_weight=config.asynchrony.staleness_weight()
+        )
+    else:
+        round_fn = build_round(algorithm, plan, mesh=mesh)
     evaluate = build_classification_eval(model.apply)
     test = dataset.test.all_examples()
     test_batches = jax.device_put(
@@ -311,16 +330,26 @@ def _run_session(config: ExperimentConfig, resume: str, stack: contextlib.ExitSt
     epsilons = epsilon_per_round(config, population)
 
     variable_cohorts = config.training.sampling == "poisson"
-    template = dataset.train.clients([0])[0] if variable_cohorts else None
+    template = dataset.train.clients([0])[0]
+    schedule_round = round_scheduler(
+        config,
+        dataset.train.num_examples,
+        packing,
+        model_bytes(params),
+        start_round,
+        lambda round_index: sample_cohort(config, population, round_index),
+    )
 
     def prepare(round_index: int):
         """Samples and packs a round and starts its host-to-device copy."""
         tic = time.perf_counter()
-        ids = sample_cohort(config, population, round_index)
+        ids, schedule, system_record = schedule_round(round_index)
         padding = {}
         if variable_cohorts:  # a bucket of client counts, so few shapes compile
             bucket = client_count_bucket(len(ids), maximum=population)
             padding = {"num_clients": bucket, "template": template}
+        if schedule is not None:  # the clock's cohort may be short: one shape per run
+            padding = {"num_clients": len(schedule.step_budget), "template": template}
         cohort = pack_cohort(
             dataset.train.clients(ids),
             ids,
@@ -331,8 +360,13 @@ def _run_session(config: ExperimentConfig, resume: str, stack: contextlib.ExitSt
             num_lanes=lanes,
             **padding,
         )
+        if schedule is not None and schedule.counts is not None:
+            weight = np.where(schedule.counts, cohort.weight, 0.0).astype(cohort.weight.dtype)
+            cohort = cohort._replace(weight=weight)
+        if schedule is not None:
+            schedule = jax.device_put(schedule.device())
         placed = jax.device_put(cohort) if mesh is None else shard_cohort(cohort, mesh)
-        return placed, time.perf_counter() - tic
+        return (placed, schedule, system_record), time.perf_counter() - tic
 
     def meta_for(round_number: int) -> dict:
         return {
@@ -371,7 +405,8 @@ def _run_session(config: ExperimentConfig, resume: str, stack: contextlib.ExitSt
     # while round r trains; only the wait for them is exposed in the round.
     prefetched = prefetch_rounds(prepare, start_round, rounds)
     stack.callback(prefetched.close)
-    for round_index, (cohort, pack_seconds), exposed_pack_seconds in prefetched:
+    for round_index, prepared, exposed_pack_seconds in prefetched:
+        (cohort, schedule, system_record), pack_seconds = prepared
         round_number = round_index + 1
         tic = time.perf_counter()
         round_start = tic - exposed_pack_seconds
@@ -381,10 +416,10 @@ def _run_session(config: ExperimentConfig, resume: str, stack: contextlib.ExitSt
             gathered = jax.device_put(
                 client_states.gather(ids), None if mesh is None else replicated(mesh)
             )
-            state, out = round_fn(state, cohort, round_rng, gathered)
+            state, out = round_fn(state, cohort, round_rng, gathered, schedule)
             client_states.scatter(ids, jax.device_get(out.client_states))
         else:
-            state, out = round_fn(state, cohort, round_rng)
+            state, out = round_fn(state, cohort, round_rng, (), schedule)
         client_metrics = jax.device_get(out.client_metrics)
         server_metrics = jax.device_get(out.server_metrics)
         compute_seconds = time.perf_counter() - tic
@@ -402,6 +437,7 @@ def _run_session(config: ExperimentConfig, resume: str, stack: contextlib.ExitSt
         if "num_nonfinite_updates" in server_metrics:
             record["nonfinite_updates"] = int(server_metrics["num_nonfinite_updates"])
         record.update(feature_metrics(client_metrics, server_metrics, real))
+        record.update(system_record)
         if epsilons is not None:
             record["epsilon"] = float(epsilons[round_index])
         record["pack_seconds"] = pack_seconds
@@ -425,13 +461,13 @@ def _run_session(config: ExperimentConfig, resume: str, stack: contextlib.ExitSt
         if central_due or per_client_due:
             tic = time.perf_counter()
             if central_due:
-                sums = jax.device_get(evaluate(state.params, test_batches))
+                sums = jax.device_get(evaluate(server_params(state), test_batches))
                 record["test_loss"] = float(sums["loss_sum"] / sums["num_examples"])
                 record["test_accuracy"] = float(sums["num_correct"] / sums["num_examples"])
             if per_client_due:
                 record.update(
                     per_client_record(
-                        jax.device_get(evaluate_clients(state.params, client_batches))
+                        jax.device_get(evaluate_clients(server_params(state), client_batches))
                     )
                 )
             record["eval_seconds"] = time.perf_counter() - tic

@@ -6,7 +6,9 @@ time (``elapsed_seconds``), and loss against rounds and against wall time
 so runs compare side by side. When runs are differentially private, a third
 row shows test accuracy against the privacy spent (``epsilon``) as each run
 goes, and the privacy-utility curve across runs: each run's final accuracy
-at its final epsilon. :func:`collect_series` is the data handed to
+at its final epsilon. When runs keep simulated time (``system.speed``), a
+row shows test accuracy and train loss against the simulated clock
+(``simulated_seconds``). :func:`collect_series` is the data handed to
 matplotlib, and :func:`build_figure` draws exactly that.
 """
 
@@ -26,6 +28,8 @@ PANELS = {
     "test_loss_vs_round": ("test_loss", "round"),
     "test_loss_vs_time": ("test_loss", "elapsed_seconds"),
     "accuracy_vs_epsilon": ("test_accuracy", "epsilon"),
+    "accuracy_vs_simulated_time": ("test_accuracy", "simulated_seconds"),
+    "train_loss_vs_simulated_time": ("train_loss", "simulated_seconds"),
 }
 
 
@@ -96,7 +100,8 @@ def build_figure(series: Mapping[str, Mapping[str, tuple[list, list]]]):
     from matplotlib.figure import Figure
 
     private = any(panels["accuracy_vs_epsilon"][0] for panels in series.values())
-    rows = 3 if private else 2
+    simulated = any(panels["train_loss_vs_simulated_time"][0] for panels in series.values())
+    rows = 2 + private + simulated
     figure = Figure(figsize=(12, 4 * rows))
     axes = figure.subplots(rows, 2, squeeze=False)
     (accuracy_round, accuracy_time), (loss_round, loss_time) = axes[:2]
@@ -120,6 +125,13 @@ def build_figure(series: Mapping[str, Mapping[str, tuple[list, list]]]):
         (loss_round, ("round", "loss (train solid, test dashed)")),
         (loss_time, ("wall time (s)", "loss (train solid, test dashed)")),
     ]
+    if simulated:
+        accuracy_clock, loss_clock = axes[2 + private]
+        draw_simulated_time(series, accuracy_clock, loss_clock, colours)
+        labelled += [
+            (accuracy_clock, ("simulated time (s)", "test accuracy")),
+            (loss_clock, ("simulated time (s)", "train loss")),
+        ]
     if private:
         accuracy_epsilon, frontier = axes[2]
         draw_privacy(series, accuracy_epsilon, frontier, colours)
@@ -159,6 +171,22 @@ def draw_privacy(series, accuracy_epsilon, frontier, colours) -> None:
     frontier.plot([p[0] for p in points], [p[1] for p in points], marker="o", color="black")
     for epsilon, accuracy, label in points:
         frontier.annotate(label, (epsilon, accuracy), fontsize="x-small")
+
+
+def draw_simulated_time(series, accuracy_clock, loss_clock, colours) -> None:
+    """Accuracy and train loss against the simulated clock, per run that keeps one."""
+    for index, (label, panels) in enumerate(series.items()):
+        colour = colours[index % len(colours)]
+        if panels["accuracy_vs_simulated_time"][0]:
+            accuracy_clock.plot(
+                *panels["accuracy_vs_simulated_time"],
+                color=colour,
+                marker="o",
+                markersize=3,
+                label=label,
+            )
+        if panels["train_loss_vs_simulated_time"][0]:
+            loss_clock.plot(*panels["train_loss_vs_simulated_time"], color=colour, label=label)
 
 
 def save_figure(figure, path: str | Path, dpi: int = 100) -> None:

@@ -103,6 +103,8 @@ def _restore_params(path: Path, expected):
     import orbax.checkpoint as ocp
 
     restored = ocp.StandardCheckpointer().restore(path.absolute())
+    if "server_state" in restored:  # FedBuff's server, with its ring of versions
+        restored = restored["server_state"]
     params = restored["params"]
     if jax.tree.structure(params) != jax.tree.structure(expected) or any(
         np.shape(a) != b.shape for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(expected))
