@@ -141,18 +141,28 @@ def fed_nova(
             means={"step_norm": local.step_norm},
         )
 
-    def server_update(server_state, aggregate, rng):
-        effective_steps = aggregate.means["step_norm"]  # tau_eff
-        scaled = aggregate._replace(update=tree_scale(aggregate.update, effective_steps))
-        server_state, metrics = base.server_update(server_state, scaled, rng)
-        return server_state, dict(metrics, effective_num_steps=effective_steps)
-
     return base._replace(
         client_init=client_init,
         client_step=client_step,
         client_finalize=client_finalize,
-        server_update=server_update,
+        server_update=scaled_by_effective_steps(base.server_update, "step_norm", keep=True),
     )
+
+
+def scaled_by_effective_steps(server_update, side_key: str, keep: bool):
+    """``server_update`` of the aggregate scaled by ``tau_eff``, the side-channel mean
+    ``side_key`` (removed from the means unless ``keep``)."""
+
+    def update(server_state, aggregate, rng):
+        means = dict(aggregate.means)
+        effective_steps = means[side_key] if keep else means.pop(side_key)  # tau_eff
+        scaled = aggregate._replace(
+            update=tree_scale(aggregate.update, effective_steps), means=means
+        )
+        server_state, metrics = server_update(server_state, scaled, rng)
+        return server_state, dict(metrics, effective_num_steps=effective_steps)
+
+    return update
 
 
 class CountedLocalState(NamedTuple):
@@ -200,18 +210,9 @@ def normalized_local_steps(algorithm: Algorithm, side_key: str = "local_steps") 
             means=dict(output.means, **{side_key: steps}),
         )
 
-    def server_update(server_state, aggregate, rng):
-        means = dict(aggregate.means)
-        effective_steps = means.pop(side_key)  # tau_eff
-        scaled = aggregate._replace(
-            update=tree_scale(aggregate.update, effective_steps), means=means
-        )
-        server_state, metrics = algorithm.server_update(server_state, scaled, rng)
-        return server_state, dict(metrics, effective_num_steps=effective_steps)
-
     return algorithm._replace(
         client_init=client_init,
         client_step=client_step,
         client_finalize=client_finalize,
-        server_update=server_update,
+        server_update=scaled_by_effective_steps(algorithm.server_update, side_key, keep=False),
     )

@@ -185,6 +185,7 @@ class FedNovaConfig(BuildsAlgorithm):
     """FedNova: normalized averaging (Wang et al. 2020)."""
 
     builder: ClassVar = staticmethod(fed_nova)
+    normalizes_local_steps: ClassVar = True  # partial work needs no extra normalisation
     name: tyro.conf.Suppress[Literal["fednova"]] = "fednova"
     client_learning_rate: ClientLearningRate
     server_learning_rate: ServerLearningRate = default_of(fed_nova, "server_learning_rate")

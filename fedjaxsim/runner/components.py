@@ -143,7 +143,7 @@ def build_algorithm(
         except InvalidArgument as error:
             raise ConfigError(f"{section}.{error.name}", str(error)) from error
     algorithm = with_aggregator(built["algorithm"], built["aggregator"])
-    if partial_work(config) and config.algorithm.name != "fednova":  # FedNova normalises already
+    if partial_work(config) and not getattr(config.algorithm, "normalizes_local_steps", False):
         algorithm = normalized_local_steps(algorithm)
     algorithm = config.compression.wrap_algorithm(algorithm)
     store = None

@@ -4,7 +4,6 @@ import json
 
 import jax
 import numpy as np
-
 import pytest
 from runner_helpers import assert_bitwise_equal, checkpoint_leaves, write_tiny_config
 

@@ -16,15 +16,15 @@ from fedjaxsim.core.types import PyTree
 class RoundContext(NamedTuple):
     """What every client of a round sees (replicated on a mesh)."""
 
-    broadcast: PyTree  # algorithm.broadcast(server_state); [ring, ...] under versions
+    broadcast: PyTree  # algorithm.broadcast(server_state); [ring, ...] when clients have versions
     aggregator_state: PyTree  # the aggregator's state at the start of the round
     client_rng: jax.Array  # per-client keys are fold_in(client_rng, client_id)
-    versioned: bool = False  # broadcast is a ring of versions; clients pick their row
 
 
 def client_broadcast(context: RoundContext, version: jax.Array | None) -> PyTree:
-    """The broadcast a client starts from: the round's, or its row of the ring."""
-    if not context.versioned:
+    """The broadcast a client starts from: the round's, or (with a ``version``, the
+    buffered round's ring of versions) its row of the ring."""
+    if version is None:
         return context.broadcast
     return jax.tree.map(lambda ring: ring[version], context.broadcast)
 

@@ -125,14 +125,16 @@ def _check_client_states(algorithm: Algorithm, client_states: PyTree) -> None:
         )
 
 
-def _check_side_channel(algorithm: Algorithm, aggregate, context, client_states) -> None:
+def _check_side_channel(
+    algorithm: Algorithm, aggregate, context, client_states, versioned: bool
+) -> None:
     """Raises unless the aggregate carries exactly the side channel the clients send.
 
     The side channel is derived from client data: an aggregator must combine
     it with the update (privatise or protect it too), never drop it.
     """
     first_state = jax.tree.map(lambda leaf: leaf[0], client_states)
-    broadcast = client_broadcast(context, 0)
+    broadcast = client_broadcast(context, 0 if versioned else None)
     declared = jax.eval_shape(
         lambda: algorithm.client_finalize(
             broadcast, algorithm.client_init(broadcast, first_state, context.client_rng)
@@ -175,7 +177,7 @@ def _round_body(
     lanes, lane_clients = gather_lanes(cohort, client_states, schedule)
     client_rng, server_rng = jax.random.split(rng)
     aggregator_state = aggregator_state_of(server_state)
-    context = RoundContext(broadcast, aggregator_state, client_rng, versioned)
+    context = RoundContext(broadcast, aggregator_state, client_rng)
     # 2. Train the clients: local steps, finalisation, each client's share.
     trained = train_cohort(context, lanes, lane_clients, cohort.num_clients)
     # 3. Combine the shares into the aggregate.
@@ -183,7 +185,7 @@ def _round_body(
     aggregate, aggregator_state, aggregation_metrics = algorithm.aggregator.finalize(
         contributions, aggregator_state, server_rng
     )
-    _check_side_channel(algorithm, aggregate, context, client_states)
+    _check_side_channel(algorithm, aggregate, context, client_states, versioned)
     # 4. The server update.
     server_state = replace_aggregator_state(server_state, aggregator_state)
     server_state, server_metrics = algorithm.server_update(
