@@ -26,6 +26,8 @@ from pathlib import Path
 
 import numpy as np
 
+from fedjaxsim.core.tasks import CLASSIFICATION, Task
+
 
 def decode_field(array: np.ndarray, scale: float | None) -> np.ndarray:
     """The model-facing values of a stored field.
@@ -265,3 +267,7 @@ class FederatedDataset:
     test: FederatedData
     num_classes: int
     input_shape: tuple[int, ...]
+    task: Task = CLASSIFICATION
+    """What the labels mean (:mod:`fedjaxsim.core.tasks`): classification, next
+    token or multi-label; ``num_classes`` is the vocabulary or tag count of the
+    latter two."""

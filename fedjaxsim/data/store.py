@@ -29,6 +29,7 @@ from pathlib import Path
 
 import numpy as np
 
+from fedjaxsim.core.tasks import Task
 from fedjaxsim.data.federated import FederatedData, FederatedDataset, LazyClientNames
 
 STORE_FORMAT = "fedjaxsim-federated-data"
@@ -283,6 +284,7 @@ def write_dataset(
             "name": dataset.name,
             "num_classes": dataset.num_classes,
             "input_shape": list(dataset.input_shape),
+            "task": dataset.task.as_json(),
         }
         (temporary / "dataset.json").write_text(
             json.dumps(description, indent=1) + "\n", encoding="utf-8"
@@ -316,4 +318,5 @@ def read_dataset(directory: str | Path, *, verify: bool = False) -> FederatedDat
         test=read_federated_data(directory / "test", verify=verify),
         num_classes=int(description["num_classes"]),
         input_shape=tuple(description["input_shape"]),
+        task=Task.from_json(description.get("task")),
     )
