@@ -77,6 +77,9 @@ def run(model_name: str, buffer_size: int, concurrency: int, steps: int, seed: i
     round_fn = build_round(algorithm)
     step_fn = build_buffered_round(algorithm, staleness_weight=polynomial_staleness())
     lanes = default_num_lanes()
+    # One step count for every cohort, so each form compiles once: the most a
+    # lane can hold when the buffer's clients share the lanes.
+    num_steps = packing.bucket(-(-buffer_size // (lanes or buffer_size)) * packing.max_steps)
 
     def cohort(index, ids):
         clients = []
@@ -91,7 +94,7 @@ def run(model_name: str, buffer_size: int, concurrency: int, steps: int, seed: i
             round_index=index,
             num_total_clients=num_clients,
             num_lanes=lanes,
-            num_steps=64,
+            num_steps=num_steps,
         )
         return jax.device_put(packed)
 

@@ -15,12 +15,13 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
+
+from fedjaxsim.core.tasks import CLASSIFICATION, Task, metric_sums
 
 
 class EvalBatches(NamedTuple):
     inputs: np.ndarray  # any[num_batches, batch_size, ...]
-    labels: np.ndarray  # int32[num_batches, batch_size]
+    labels: np.ndarray  # int32[num_batches, batch_size, ...] (a sequence or label slots)
     mask: np.ndarray  # bool[num_batches, batch_size]
 
 
@@ -43,41 +44,51 @@ def batch_for_eval(inputs, labels, batch_size: int) -> EvalBatches:
     padded = num_batches * batch_size
     x = np.zeros((padded, *inputs.shape[1:]), inputs.dtype)
     x[:n] = inputs
-    y = np.zeros(padded, np.int32)
+    y = np.zeros((padded, *labels.shape[1:]), np.int32)
     y[:n] = labels
     mask = np.arange(padded) < n
     shape = lambda a: a.reshape(num_batches, batch_size, *a.shape[1:])  # noqa: E731
     return EvalBatches(shape(x), shape(y), shape(mask))
 
 
-def classification_sums(apply_fn, params, inputs, labels, mask) -> dict:
-    """Sufficient statistics of a classifier over batches, in one ``lax.scan``.
+def task_sums(task: Task, apply_fn, params, inputs, labels, mask) -> dict:
+    """Sufficient statistics of ``task``'s metrics over batches, in one ``lax.scan``.
 
     Args:
+      task: what the labels mean (:mod:`fedjaxsim.core.tasks`).
       apply_fn: ``(params, inputs, rng, train) -> logits``, called with
         ``rng=None, train=False``.
       inputs, labels, mask: ``[num_batches, batch_size, ...]``.
 
     Returns:
-      float32[] sums ``loss_sum`` (softmax cross-entropy), ``num_correct``
-      and ``num_examples`` over the real (mask) examples.
+      float32[] sums over the real (mask) examples: those of
+      :func:`fedjaxsim.core.tasks.metric_sums` (``loss_sum``, ``loss_count``,
+      ``num_examples`` and the task's metric numerators and denominators).
     """
 
     def body(totals, batch):
         x, y, m = batch
-        logits = apply_fn(params, x, None, False).astype(jnp.float32)
-        losses = optax.softmax_cross_entropy_with_integer_labels(logits, y)
-        correct = jnp.argmax(logits, axis=-1) == y
-        totals = {
-            "loss_sum": totals["loss_sum"] + jnp.sum(jnp.where(m, losses, 0.0)),
-            "num_correct": totals["num_correct"] + jnp.sum(correct & m, dtype=jnp.float32),
-            "num_examples": totals["num_examples"] + jnp.sum(m, dtype=jnp.float32),
-        }
-        return totals, None
+        sums = metric_sums(task, apply_fn(params, x, None, False), y, m)
+        return jax.tree.map(jnp.add, totals, sums), None
 
-    zero = jnp.zeros((), jnp.float32)
-    init = {"loss_sum": zero, "num_correct": zero, "num_examples": zero}
+    first = jax.tree.map(lambda a: a[0], (inputs, labels, mask))
+    shapes = jax.eval_shape(
+        lambda x, y, m: metric_sums(task, apply_fn(params, x, None, False), y, m), *first
+    )
+    init = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
     return jax.lax.scan(body, init, (inputs, labels, mask))[0]
+
+
+def classification_sums(apply_fn, params, inputs, labels, mask) -> dict:
+    """:func:`task_sums` of a classifier: ``loss_sum`` (softmax cross-entropy),
+    ``num_correct`` and ``num_examples`` (with ``loss_count`` and
+    ``num_predictions``, both equal to ``num_examples``)."""
+    return task_sums(CLASSIFICATION, apply_fn, params, inputs, labels, mask)
+
+
+def build_task_eval(task: Task, apply_fn):
+    """Returns jitted ``evaluate(params, EvalBatches) -> dict`` of :func:`task_sums`."""
+    return jax.jit(lambda params, batches: task_sums(task, apply_fn, params, *batches))
 
 
 def build_classification_eval(apply_fn):
@@ -85,7 +96,7 @@ def build_classification_eval(apply_fn):
 
     Keys: ``loss_sum``, ``num_correct``, ``num_examples`` (:func:`classification_sums`).
     """
-    return jax.jit(lambda params, batches: classification_sums(apply_fn, params, *batches))
+    return build_task_eval(CLASSIFICATION, apply_fn)
 
 
 def client_distribution(values, higher_is_better: bool = True) -> dict[str, float]:

@@ -11,6 +11,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from fedjaxsim.core.tasks import TokenLosses
 from fedjaxsim.core.types import PerExampleLossFn
 
 
@@ -22,8 +23,18 @@ def masked_mean_loss(
     Padding slots are excluded with ``where`` (not a multiply, so a NaN in a
     padding slot cannot leak) and the mean divides by ``max(sum(mask), 1)`` so
     an all-padding batch has loss and gradient exactly zero.
+
+    A loss that returns :class:`~fedjaxsim.core.tasks.TokenLosses` (next-token
+    tasks) is averaged over the real tokens of the real examples instead; its
+    second value is then that mean times the real examples, so that every
+    algorithm's ``loss_sum / num_examples`` stays a mean loss.
     """
     losses = per_example_loss_fn(params, batch, rng)
+    if isinstance(losses, TokenLosses):
+        loss_sum = jnp.sum(jnp.where(mask, losses.loss_sum, 0.0))
+        count = jnp.sum(jnp.where(mask, losses.count, 0.0))
+        mean = loss_sum / jnp.maximum(count, 1.0)
+        return mean, mean * jnp.sum(mask, dtype=mean.dtype)
     loss_sum = jnp.sum(jnp.where(mask, losses, 0.0))
     count = jnp.sum(mask.astype(losses.dtype))
     return loss_sum / jnp.maximum(count, 1.0), loss_sum

@@ -21,7 +21,7 @@ from fedjaxsim.core.validation import InvalidArgument, check_int, check_optional
 # reuses the stream that cohort sampling draws from (see sampling.py).
 _SHUFFLE_STREAM = 0x5EED_5F1E
 
-WEIGHTINGS = ("num_examples", "num_processed", "uniform")
+WEIGHTINGS = ("num_examples", "num_processed", "num_tokens", "uniform")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -40,7 +40,11 @@ class PackingConfig:
       weighting: ``"num_examples"`` weighs a client by its dataset size,
         ``"num_processed"`` by the real examples it trains on this round
         (differs from ``num_examples`` under ``num_epochs`` or ``max_steps``),
+        ``"num_tokens"`` by its real tokens (entries of ``token_field`` that
+        are not ``pad_id``: a next-token task's targets),
         ``"uniform"`` gives every real client weight 1.
+      token_field: the field whose non-padding entries ``"num_tokens"`` counts.
+      pad_id: the padding value of ``token_field``.
       shuffle: shuffle each epoch (deterministically); False keeps data order.
       check_finite: reject NaN or Inf in floating-point features.
     """
@@ -52,6 +56,8 @@ class PackingConfig:
     weighting: str = "num_examples"
     shuffle: bool = True
     check_finite: bool = True
+    token_field: str = "y"
+    pad_id: int = 0
 
     def __post_init__(self):
         if not isinstance(self.batch_size, int) or self.batch_size < 1:
@@ -84,6 +90,12 @@ class PackingConfig:
             return float(num_examples)
         if self.weighting == "num_processed":
             return float(self.num_processed(num_examples))
+        if self.weighting == "num_tokens":
+            raise ValueError(
+                "weighting='num_tokens' counts the tokens of each client's data, which "
+                "pack_cohort sees but a size does not; packing several processes' shares "
+                "supports num_examples, num_processed and uniform"
+            )
         return 1.0
 
     def bucket(self, num_steps: int) -> int:
@@ -439,7 +451,13 @@ def pack_cohort(
 
     # Padding clients: weight 0 and the out-of-range id (never -1, which wraps).
     weight = np.zeros(padded_count, dtype=np.float32)
-    weight[:num_real] = [config.client_weight(n) for n in sizes]
+    if config.weighting == "num_tokens":
+        weight[:num_real] = [
+            np.count_nonzero(np.asarray(client[config.token_field]) != config.pad_id)
+            for client in clients
+        ]
+    else:
+        weight[:num_real] = [config.client_weight(n) for n in sizes]
     client_id = np.full(padded_count, num_total_clients, dtype=np.int32)
     client_id[:num_real] = ids
     return Cohort(

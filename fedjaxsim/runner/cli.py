@@ -42,11 +42,11 @@ def _run(argv: list[str]) -> int:
     except FileNotFoundError as error:
         print(f"fedjaxsim: {error}", file=sys.stderr)
         return 2
-    accuracy = summary["final_test_accuracy"]
-    best = summary["best_test_accuracy"]
+    metric = summary["headline_metric"]
+    final, best = summary[f"final_{metric}"], summary[f"best_{metric}"]
     print(
         f"done: {summary['rounds']} rounds, {summary['wall_seconds']:.1f} s of training, "
-        f"final test accuracy {accuracy:.4f} (best {best:.4f}), final train loss "
+        f"final {metric.replace('_', ' ')} {final:.4f} (best {best:.4f}), final train loss "
         f"{summary['final_train_loss']:.4f}; outputs in {summary['output_dir']}"
     )
     return 0

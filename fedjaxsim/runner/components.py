@@ -14,6 +14,7 @@ from fedjaxsim.core.algorithm import Algorithm, with_aggregator
 from fedjaxsim.core.client_state import ClientStateStore
 from fedjaxsim.core.engine import ExecutionPlan
 from fedjaxsim.core.packing import PackingConfig
+from fedjaxsim.core.tasks import CLASSIFICATION, Task
 from fedjaxsim.core.validation import InvalidArgument
 from fedjaxsim.data.federated import FederatedData, FederatedDataset
 from fedjaxsim.robust.attacks import attack_client_states, choose_malicious_clients, with_attack
@@ -31,6 +32,12 @@ def load_dataset(config: ExperimentConfig) -> FederatedDataset:
         known once loaded for some datasets).
     """
     dataset = config.data.load(config.seed, config.logging.progress)
+    if config.training.weighting == "num_tokens" and dataset.task.kind != "next_token":
+        raise ConfigError(
+            "training.weighting",
+            f"weighting='num_tokens' counts target tokens, but {dataset.name} is a "
+            f"{dataset.task.kind} task; use num_examples",
+        )
     if config.training.cohort_size > dataset.train.num_clients:
         raise ConfigError(
             "training.cohort_size",
@@ -40,7 +47,7 @@ def load_dataset(config: ExperimentConfig) -> FederatedDataset:
     return dataset
 
 
-def packing_config(config: ExperimentConfig) -> PackingConfig:
+def packing_config(config: ExperimentConfig, task: Task = CLASSIFICATION) -> PackingConfig:
     training = config.training
     return PackingConfig(
         batch_size=training.batch_size,
@@ -48,6 +55,52 @@ def packing_config(config: ExperimentConfig) -> PackingConfig:
         max_steps=training.max_local_steps,
         step_bucket=training.step_bucket,
         weighting=training.weighting,
+        pad_id=task.pad_id,
+    )
+
+
+# The built-in models that fit each task kind.
+MODELS_FOR_TASK = {
+    "classification": ("cnn", "dense", "logreg", "resnet18"),
+    "next_token": ("char_lstm", "word_lstm", "transformer"),
+    "multilabel": ("tag_logreg",),
+}
+
+
+def input_dtype(dataset: FederatedDataset) -> np.dtype:
+    """The dtype the model sees for ``x``: float32 for scaled pixels, else as stored."""
+    if "x" in dataset.train.field_scales:
+        return np.dtype(np.float32)
+    return np.asarray(dataset.train.fields["x"][:0]).dtype
+
+
+def sample_inputs(dataset: FederatedDataset) -> np.ndarray:
+    """One all-zero example batch of the model's input, to initialise it."""
+    return np.zeros((1, *dataset.input_shape), input_dtype(dataset))
+
+
+def check_model_fits(model: str, task: Task, dataset_name: str) -> None:
+    """Raises ConfigError when the built-in ``model`` cannot learn ``task``."""
+    fitting = MODELS_FOR_TASK[task.kind]
+    if model not in fitting:
+        raise ConfigError(
+            "model",
+            f"model={model!r} does not fit {dataset_name}, a {task.kind} task; "
+            f"choose --model {' or '.join(fitting)}",
+        )
+
+
+def build_model(config: ExperimentConfig, dataset: FederatedDataset):
+    """The config's built-in model for ``dataset`` (checked to fit its task)."""
+    from fedjaxsim.models import get_model
+
+    task = dataset.task
+    check_model_fits(config.model, task, dataset.name)
+    options = {}
+    if task.input_vocab_size is not None:
+        options["vocab_size"] = task.input_vocab_size
+    return get_model(
+        config.model, dataset.num_classes, lowering=config.execution.conv_lowering, **options
     )
 
 

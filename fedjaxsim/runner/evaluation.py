@@ -22,12 +22,13 @@ from typing import NamedTuple
 import jax
 import numpy as np
 
-from fedjaxsim.core.evaluation import classification_sums, client_distribution
+from fedjaxsim.core.evaluation import client_distribution, task_sums
+from fedjaxsim.core.tasks import CLASSIFICATION, Task, headline_metric, metric_names
 
 
 class ClientEvalBatches(NamedTuple):
     inputs: np.ndarray  # any[num_clients, num_batches, batch_size, ...]
-    labels: np.ndarray  # int32[num_clients, num_batches, batch_size]
+    labels: np.ndarray  # int32[num_clients, num_batches, batch_size, ...]
     mask: np.ndarray  # bool[num_clients, num_batches, batch_size]
 
 
@@ -53,7 +54,8 @@ def pack_eval_clients(
     slots = num_batches * batch_size
     first = np.asarray(clients[0][input_key])
     inputs = np.zeros((len(clients), slots, *first.shape[1:]), first.dtype)
-    labels = np.zeros((len(clients), slots), np.int32)
+    first_labels = np.asarray(clients[0][label_key])
+    labels = np.zeros((len(clients), slots, *first_labels.shape[1:]), np.int32)
     mask = np.zeros((len(clients), slots), bool)
     for index, (client, n) in enumerate(zip(clients, sizes)):
         inputs[index, :n] = client[input_key]
@@ -66,23 +68,27 @@ def pack_eval_clients(
     return ClientEvalBatches(batched(inputs), batched(labels), batched(mask))
 
 
-def build_per_client_eval(apply_fn, clients_per_chunk: int | None = None):
+def build_per_client_eval(
+    apply_fn, clients_per_chunk: int | None = None, task: Task = CLASSIFICATION
+):
     """Returns jitted ``evaluate(params, ClientEvalBatches) -> dict``.
 
-    The dict holds float32[num_clients] sums per client: ``loss_sum``
-    (softmax cross-entropy), ``num_correct`` and ``num_examples``.
+    The dict holds float32[num_clients] sums per client: those of
+    :func:`fedjaxsim.core.evaluation.task_sums` (for a classifier ``loss_sum``,
+    ``num_correct`` and ``num_examples`` among them).
 
     Args:
       apply_fn: ``(params, inputs, rng, train) -> logits``, called with
         ``rng=None, train=False``.
       clients_per_chunk: clients evaluated together under one vmap; None
         evaluates all at once.
+      task: what the labels mean.
     """
 
     @jax.jit
     def evaluate(params, batches: ClientEvalBatches):
         def per_client(batch):
-            return classification_sums(apply_fn, params, *batch)
+            return task_sums(task, apply_fn, params, *batch)
 
         if clients_per_chunk is None:
             return jax.vmap(per_client)(tuple(batches))
@@ -92,12 +98,23 @@ def build_per_client_eval(apply_fn, clients_per_chunk: int | None = None):
     return evaluate
 
 
-def per_client_record(sums: Mapping[str, np.ndarray]) -> dict[str, float]:
-    """The metrics record fields of one per-client evaluation."""
-    counts = np.asarray(sums["num_examples"], np.float64)
-    accuracy = np.asarray(sums["num_correct"], np.float64) / counts
-    loss = np.asarray(sums["loss_sum"], np.float64) / counts
-    record = {f"client_accuracy_{k}": v for k, v in client_distribution(accuracy).items()}
-    record["client_loss_mean"] = float(loss.mean())
-    record["num_eval_clients"] = int(counts.size)
+def per_client_record(
+    sums: Mapping[str, np.ndarray], task: Task = CLASSIFICATION
+) -> dict[str, float]:
+    """The metrics record fields of one per-client evaluation.
+
+    ``client_<metric>_{mean,p10,p50,p90,worst10_mean}`` of the task's headline
+    metric (accuracy; recall at k for tags) over the clients that have
+    something to score (a test client whose every target is padding has none),
+    ``client_loss_mean`` and ``num_eval_clients``.
+    """
+    names = metric_names(task)
+    metric = headline_metric(task)
+    numerator, denominator = (np.asarray(sums[k], np.float64) for k in names[metric])
+    loss_sum, loss_count = (np.asarray(sums[k], np.float64) for k in names["loss"])
+    scored = denominator > 0
+    values = numerator[scored] / denominator[scored]
+    record = {f"client_{metric}_{k}": v for k, v in client_distribution(values).items()}
+    record["client_loss_mean"] = float(np.mean(loss_sum[scored] / loss_count[scored]))
+    record["num_eval_clients"] = int(scored.sum())
     return record

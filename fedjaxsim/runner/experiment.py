@@ -32,21 +32,23 @@ from fedjaxsim.core.engine import (
     build_round,
     init_buffered,
 )
-from fedjaxsim.core.evaluation import batch_for_eval, build_classification_eval
-from fedjaxsim.core.losses import classification_loss
+from fedjaxsim.core.evaluation import batch_for_eval, build_task_eval
 from fedjaxsim.core.packing import client_count_bucket, pack_cohort
 from fedjaxsim.core.sharding import client_mesh, replicated, shard_cohort
-from fedjaxsim.models import get_model
+from fedjaxsim.core.tasks import Task, headline_metric, task_loss
+from fedjaxsim.core.tasks import ratios as metric_ratios
 from fedjaxsim.runner import faults
 from fedjaxsim.runner.checkpoints import FORMAT_VERSION, RunCheckpointer
 from fedjaxsim.runner.components import (
     build_algorithm,
+    build_model,
     execution_plan,
     load_dataset,
     num_lanes,
     packing_config,
     sample_cohort,
     sample_evaluation_clients,
+    sample_inputs,
 )
 from fedjaxsim.runner.config import (
     ConfigError,
@@ -132,22 +134,25 @@ def privacy_summary(config: ExperimentConfig, history: list[dict]) -> dict:
     }
 
 
-def _summary(history: list[dict], config: ExperimentConfig, output: Path) -> dict:
-    evaluated = [r for r in history if "test_accuracy" in r]
+def _summary(history: list[dict], config: ExperimentConfig, output: Path, task: Task) -> dict:
+    metric = f"test_{headline_metric(task)}"
+    evaluated = [r for r in history if metric in r]
     summary = {
         "rounds": config.training.rounds,
-        "final_test_accuracy": evaluated[-1]["test_accuracy"] if evaluated else None,
+        "headline_metric": metric,
+        f"final_{metric}": evaluated[-1][metric] if evaluated else None,
         "final_test_loss": evaluated[-1]["test_loss"] if evaluated else None,
-        "best_test_accuracy": max((r["test_accuracy"] for r in evaluated), default=None),
+        f"best_{metric}": max((r[metric] for r in evaluated), default=None),
         "final_train_loss": history[-1]["train_loss"] if history else None,
         "examples_trained": sum(r["examples"] for r in history),
         "wall_seconds": history[-1].get("elapsed_seconds", 0.0) if history else 0.0,
         "output_dir": str(output),
     }
-    per_client = [r for r in history if "client_accuracy_mean" in r]
+    client_metric = f"client_{headline_metric(task)}_"
+    per_client = [r for r in history if f"{client_metric}mean" in r]
     if per_client:
         summary.update(
-            {f"final_{k}": v for k, v in per_client[-1].items() if k.startswith("client_accuracy_")}
+            {f"final_{k}": v for k, v in per_client[-1].items() if k.startswith(client_metric)}
         )
     if config.privacy.enabled:
         summary.update(privacy_summary(config, history))
@@ -263,10 +268,11 @@ def _run_session(config: ExperimentConfig, resume: str, stack: contextlib.ExitSt
 
     dataset = load_dataset(config)
     population = dataset.train.num_clients
-    model = get_model(config.model, dataset.num_classes, lowering=config.execution.conv_lowering)
+    model = build_model(config, dataset)
     root_rng = jax.random.key(config.seed)
-    params = model.init(root_rng, np.zeros((1, *dataset.input_shape), np.float32))
-    algorithm, client_states = build_algorithm(config, classification_loss(model), dataset, params)
+    params = model.init(root_rng, sample_inputs(dataset))
+    loss = task_loss(dataset.task, model)
+    algorithm, client_states = build_algorithm(config, loss, dataset, params)
     store = client_states.store
     plan = execution_plan(config)
     mesh = None
@@ -313,7 +319,7 @@ def _run_session(config: ExperimentConfig, resume: str, stack: contextlib.ExitSt
         )
     else:
         round_fn = build_round(algorithm, plan, mesh=mesh)
-    evaluate = build_classification_eval(model.apply)
+    evaluate = build_task_eval(dataset.task, model.apply)
     test = dataset.test.all_examples()
     test_batches = jax.device_put(
         batch_for_eval(test["x"], test["y"], config.evaluation.batch_size)
@@ -324,8 +330,10 @@ def _run_session(config: ExperimentConfig, resume: str, stack: contextlib.ExitSt
         client_batches = jax.device_put(
             pack_eval_clients(eval_clients, config.evaluation.per_client_batch_size)
         )
-        evaluate_clients = build_per_client_eval(model.apply, config.evaluation.per_client_chunk)
-    packing = packing_config(config)
+        evaluate_clients = build_per_client_eval(
+            model.apply, config.evaluation.per_client_chunk, dataset.task
+        )
+    packing = packing_config(config, dataset.task)
     lanes = num_lanes(config)
     epsilons = epsilon_per_round(config, population)
 
@@ -462,14 +470,12 @@ def _run_session(config: ExperimentConfig, resume: str, stack: contextlib.ExitSt
             tic = time.perf_counter()
             if central_due:
                 sums = jax.device_get(evaluate(server_params(state), test_batches))
-                record["test_loss"] = float(sums["loss_sum"] / sums["num_examples"])
-                record["test_accuracy"] = float(sums["num_correct"] / sums["num_examples"])
-            if per_client_due:
                 record.update(
-                    per_client_record(
-                        jax.device_get(evaluate_clients(server_params(state), client_batches))
-                    )
+                    {f"test_{k}": v for k, v in metric_ratios(dataset.task, sums).items()}
                 )
+            if per_client_due:
+                sums = jax.device_get(evaluate_clients(server_params(state), client_batches))
+                record.update(per_client_record(sums, dataset.task))
             record["eval_seconds"] = time.perf_counter() - tic
         now = time.perf_counter()
         record["round_seconds"] = now - round_start
@@ -494,7 +500,7 @@ def _run_session(config: ExperimentConfig, resume: str, stack: contextlib.ExitSt
         faults.maybe_pause_after_round(round_number)
     stack.close()  # flush and close the writers before the summary is written
 
-    summary = _summary(history, config, output)
+    summary = _summary(history, config, output, dataset.task)
     from fedjaxsim.runner.plot import plot_runs
 
     plot_runs([output], output / "accuracy.png")

@@ -80,14 +80,28 @@ def collect_series(folders: Sequence[str | Path]) -> dict[str, dict[str, tuple[l
                 f"{folder} has no metrics.jsonl; pass output folders of `fedjaxsim run`"
             )
         records = read_metrics(path)
+        headline = _headline(records)
         series[label] = {
             panel: (
                 [r[x] for r in records if x in r and y in r],
                 [r[y] for r in records if x in r and y in r],
             )
-            for panel, (y, x) in PANELS.items()
+            for panel, (y, x) in _with_headline(headline).items()
         }
     return series
+
+
+def _headline(records: Sequence[Mapping]) -> str:
+    """The run's headline test metric: accuracy, or recall at k for tag prediction."""
+    keys = {key for record in records for key in record}
+    if "test_accuracy" in keys:
+        return "test_accuracy"
+    return next((k for k in sorted(keys) if k.startswith("test_recall_at_")), "test_accuracy")
+
+
+def _with_headline(headline: str) -> dict[str, tuple[str, str]]:
+    """:data:`PANELS` with the accuracy panels drawing ``headline``."""
+    return {panel: (headline if y == "test_accuracy" else y, x) for panel, (y, x) in PANELS.items()}
 
 
 def build_figure(series: Mapping[str, Mapping[str, tuple[list, list]]]):

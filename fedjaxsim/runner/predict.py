@@ -18,6 +18,7 @@ from typing import Any, NamedTuple
 import jax
 import numpy as np
 
+from fedjaxsim.core.tasks import CLASSIFICATION, Task
 from fedjaxsim.runner.config import ExperimentConfig, config_from_dict
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
@@ -33,13 +34,32 @@ class ModelInputs(NamedTuple):
     num_classes: int
     input_shape: tuple[int, ...]  # one example, e.g. (8, 8, 1)
     pixel_levels: int  # gray levels of the training images: 16 (digits) or 255 (8-bit)
+    input_dtype: str = "float32"  # of the model's input: float32 pixels, or int token ids
+    task: Task = CLASSIFICATION
 
     def as_json(self) -> dict:
         return {
             "num_classes": self.num_classes,
             "input_shape": list(self.input_shape),
             "pixel_levels": self.pixel_levels,
+            "input_dtype": self.input_dtype,
+            "task": self.task.as_json(),
         }
+
+    @classmethod
+    def from_json(cls, saved: dict) -> ModelInputs:
+        """Reads :meth:`as_json` (checkpoints of image runs predate the last two keys)."""
+        return cls(
+            saved["num_classes"],
+            tuple(saved["input_shape"]),
+            saved["pixel_levels"],
+            saved.get("input_dtype", "float32"),
+            Task.from_json(saved.get("task")),
+        )
+
+    def sample(self) -> np.ndarray:
+        """One all-zero input batch, to trace the model."""
+        return np.zeros((1, *self.input_shape), self.input_dtype)
 
 
 class TrainedRun(NamedTuple):
@@ -52,8 +72,14 @@ class TrainedRun(NamedTuple):
 
 
 def model_inputs(config: ExperimentConfig, dataset) -> ModelInputs:
+    from fedjaxsim.runner.components import input_dtype
+
     return ModelInputs(
-        int(dataset.num_classes), tuple(dataset.input_shape), int(config.data.pixel_levels)
+        int(dataset.num_classes),
+        tuple(dataset.input_shape),
+        int(getattr(config.data, "pixel_levels", 255)),
+        input_dtype(dataset).name,
+        dataset.task,
     )
 
 
@@ -65,6 +91,7 @@ def load_run(folder: str | Path) -> TrainedRun:
     """
     from fedjaxsim.models import get_model
     from fedjaxsim.runner.checkpoints import RunCheckpointer
+    from fedjaxsim.runner.components import check_model_fits
 
     folder = Path(folder)
     checkpoints = folder / "checkpoints"
@@ -85,16 +112,17 @@ def load_run(folder: str | Path) -> TrainedRun:
         )
     config = config_from_dict(meta["config"])
     if "model_inputs" in meta:
-        saved = meta["model_inputs"]
-        inputs = ModelInputs(
-            saved["num_classes"], tuple(saved["input_shape"]), saved["pixel_levels"]
-        )
+        inputs = ModelInputs.from_json(meta["model_inputs"])
     else:  # a checkpoint written before the inputs were recorded: ask the dataset
         inputs = model_inputs(config, config.data.load(config.seed, progress=False))
-    model = get_model(config.model, inputs.num_classes, lowering=config.execution.conv_lowering)
-    expected = jax.eval_shape(
-        model.init, jax.random.key(0), np.zeros((1, *inputs.input_shape), np.float32)
+    check_model_fits(config.model, inputs.task, str(folder))
+    options = {}
+    if inputs.task.input_vocab_size is not None:
+        options["vocab_size"] = inputs.task.input_vocab_size
+    model = get_model(
+        config.model, inputs.num_classes, lowering=config.execution.conv_lowering, **options
     )
+    expected = jax.eval_shape(model.init, jax.random.key(0), inputs.sample())
     params = _restore_params(checkpoints / str(latest) / "state", expected)
     return TrainedRun(folder, latest, config, inputs, model.apply, params)
 
@@ -158,7 +186,7 @@ def _from_array(path: Path, inputs: ModelInputs) -> np.ndarray:
         if len(candidate) == array.ndim and all(
             c in (-1, s) for c, s in zip(candidate, array.shape)
         ):
-            return array.astype(np.float32).reshape(-1, *shape)
+            return array.astype(inputs.input_dtype).reshape(-1, *shape)
     raise RunError(
         f"{path}: shape {array.shape} does not fit the model's input {shape} "
         f"(one input {shape}, or a batch [n, {', '.join(map(str, shape))}])"
@@ -183,6 +211,11 @@ def read_inputs(
       RunError: a missing file, an unknown suffix, an undecodable image or
         an array of the wrong shape, naming the file.
     """
+    if inputs.task.kind != "classification":
+        raise RunError(
+            f"predict prints one class per input, but this run learned a {inputs.task.kind} "
+            "task; score it with `fedjaxsim evaluate RUN_DIR`"
+        )
     batches, names = [], []
     for path in map(Path, paths):
         if not path.is_file():
@@ -215,7 +248,8 @@ def evaluate_run(run: TrainedRun, split: str = "test", per_client: bool = False)
     runner's fixed sample of test clients for ``test``, over every training
     client for ``train``.
     """
-    from fedjaxsim.core.evaluation import batch_for_eval, build_classification_eval
+    from fedjaxsim.core.evaluation import batch_for_eval, build_task_eval
+    from fedjaxsim.core.tasks import ratios
     from fedjaxsim.runner.components import load_dataset, sample_evaluation_clients
     from fedjaxsim.runner.evaluation import (
         build_per_client_eval,
@@ -228,14 +262,14 @@ def evaluate_run(run: TrainedRun, split: str = "test", per_client: bool = False)
     data = dataset.test if split == "test" else dataset.train
     examples = data.all_examples()
     batches = batch_for_eval(examples["x"], examples["y"], config.evaluation.batch_size)
-    sums = jax.device_get(build_classification_eval(run.apply)(run.params, batches))
+    task = dataset.task
+    sums = jax.device_get(build_task_eval(task, run.apply)(run.params, batches))
     result = {
         "run": str(run.folder),
         "round": run.round,
         "split": split,
         "examples": int(sums["num_examples"]),
-        "loss": float(sums["loss_sum"] / sums["num_examples"]),
-        "accuracy": float(sums["num_correct"] / sums["num_examples"]),
+        **ratios(task, sums),
     }
     if per_client:
         if split == "test":
@@ -243,6 +277,6 @@ def evaluate_run(run: TrainedRun, split: str = "test", per_client: bool = False)
         else:
             clients = data.clients(list(range(data.num_clients)))
         packed = pack_eval_clients(clients, config.evaluation.per_client_batch_size)
-        evaluate = build_per_client_eval(run.apply, config.evaluation.per_client_chunk)
-        result.update(per_client_record(jax.device_get(evaluate(run.params, packed))))
+        evaluate = build_per_client_eval(run.apply, config.evaluation.per_client_chunk, task)
+        result.update(per_client_record(jax.device_get(evaluate(run.params, packed)), task))
     return result

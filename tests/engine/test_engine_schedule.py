@@ -9,6 +9,7 @@ their formulas.
 import math
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
@@ -116,6 +117,10 @@ def test_an_update_scale_multiplies_the_update(logreg_loss, logreg_params):
         np.testing.assert_allclose(start - half, 0.5 * (start - full), rtol=1e-5, atol=1e-7)
 
 
+def _copy(tree):
+    return jax.tree.map(jnp.copy, tree)
+
+
 def test_a_buffered_step_from_fresh_versions_is_a_round(logreg_loss, logreg_params):
     algorithm = _algorithm(logreg_loss)
     step_fn = build_buffered_round(algorithm, staleness_weight=staleness_weight("polynomial"))
@@ -123,7 +128,8 @@ def test_a_buffered_step_from_fresh_versions_is_a_round(logreg_loss, logreg_para
     state = algorithm.init(logreg_params)
     rng = jax.random.key(9)
     cohort = _pack()
-    buffered = init_buffered(algorithm, state, ring_size=3)
+    # The step donates its state: the buffered server gets its own copy.
+    buffered = init_buffered(algorithm, _copy(state), ring_size=3)
     schedule = ClientSchedule(version=np.zeros(5, np.int32))
     buffered, out = step_fn(buffered, cohort, rng, (), schedule)
     synchronous, expected = round_fn(state, cohort, rng)
@@ -142,13 +148,13 @@ def test_a_stale_client_trains_from_its_version_and_is_down_weighted(logreg_loss
     round_fn = build_round(algorithm)
     state0 = algorithm.init(logreg_params)
     cohort = _pack()
-    buffered = init_buffered(algorithm, state0, ring_size=3)
+    buffered = init_buffered(algorithm, _copy(state0), ring_size=3)
     fresh = ClientSchedule(version=np.zeros(5, np.int32))
     buffered, _ = step_fn(buffered, cohort, jax.random.key(1), (), fresh)
     buffered, _ = step_fn(
         buffered, cohort, jax.random.key(2), (), fresh._replace(version=np.ones(5, np.int32))
     )
-    x2 = buffered.server_state.params
+    x2 = _copy(buffered.server_state.params)
     rng = jax.random.key(3)
     buffered, _ = step_fn(buffered, cohort, rng, (), fresh)  # staleness 2 for every client
     from_x0, _ = round_fn(state0, cohort, rng)

@@ -292,7 +292,9 @@ def build_buffered_round(
 
     Returns:
       ``step_fn(buffered, cohort, rng, client_states=(), schedule=None)``
-      returning ``(new_buffered, RoundOutput)``; ``schedule.version`` is required.
+      returning ``(new_buffered, RoundOutput)``; ``schedule.version`` is
+      required. ``buffered`` is donated: its arrays are invalid after the
+      call, so keep only the returned state (copy it first to reuse it).
     """
     plan = default_plan() if plan is None else plan
     train_cohort = _train_cohort(algorithm, plan, mesh)
@@ -333,4 +335,7 @@ def build_buffered_round(
             ring = replicate(ring, mesh)
         return BufferedServer(server_state, ring, new_version), output
 
-    return jax.jit(step_fn)
+    # The ring is the server's largest state (ring_size versions of the
+    # model); donating it lets XLA write the new version in place instead of
+    # copying every version each step.
+    return jax.jit(step_fn, donate_argnums=0)
