@@ -58,10 +58,12 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from emnist_lookalike import NUM_CLASSES, EmnistLookalike  # noqa: E402
+from suite_lookalikes import WORKLOADS  # noqa: E402
 
 from fedjaxsim.algorithms.fed_avg import fed_sgd_avg  # noqa: E402
 from fedjaxsim.core.engine import ExecutionPlan, build_round, default_plan  # noqa: E402
-from fedjaxsim.core.losses import classification_loss  # noqa: E402
+from fedjaxsim.core.losses import masked_mean_loss  # noqa: E402
+from fedjaxsim.core.tasks import CLASSIFICATION, Task, task_loss  # noqa: E402
 from fedjaxsim.core.packing import PackingConfig, default_num_lanes, pack_cohort  # noqa: E402
 from fedjaxsim.core.sharding import client_mesh, replicated, shard_cohort  # noqa: E402
 from fedjaxsim.models import default_lowering, get_model  # noqa: E402
@@ -115,9 +117,10 @@ class CentralizedLimit:
     candidates within one sample would be biased upwards).
     """
 
-    def __init__(self, model_name: str, batch: int, cohort: int, min_seconds: float = 0.3):
-        models = {lowering: get_model(model_name, NUM_CLASSES, lowering) for lowering in ("lax", "patches")}
-        self.params = models["patches"].init(jax.random.key(0), jnp.zeros((1, 28, 28, 1)))
+    def __init__(self, model_name: str, batch: int, cohort: int, workload, min_seconds: float = 0.3):
+        models = {lowering: get_model(model_name, workload.num_classes, lowering) for lowering in ("lax", "patches")}
+        self.params = models["patches"].init(jax.random.key(0), workload.sample_input())
+        pool = workload.examples(max(batch * cohort, 256))
         rng = np.random.default_rng(0)
         self.min_seconds = min_seconds
         self.candidates = []  # (run(params) -> params, examples per run, size, lowering, mode)
@@ -125,16 +128,14 @@ class CentralizedLimit:
         for lowering in lowerings:
             for size in sorted({batch, batch * cohort}):
                 steps = max(3, min(30, (30 * batch * 4) // size))
-                batches = [
-                    {
-                        "x": jnp.asarray(rng.random((size, 28, 28, 1), dtype=np.float32)),
-                        "y": jnp.asarray(rng.integers(0, NUM_CLASSES, size).astype(np.int32)),
-                    }
-                    for _ in range(steps)
-                ]
+                batches = []
+                for _ in range(steps):
+                    rows = rng.integers(0, len(pool["y"]), size)
+                    batches.append({k: jnp.asarray(v[rows]) for k, v in pool.items()})
 
-                def step(params, batch_data, key, loss_fn=classification_loss(models[lowering])):
-                    grads = jax.grad(lambda p: loss_fn(p, batch_data, key).mean())(params)
+                def step(params, batch_data, key, loss_fn=task_loss(workload.task, models[lowering])):
+                    mask = jnp.ones(len(batch_data["y"]), bool)
+                    grads = jax.grad(lambda p: masked_mean_loss(loss_fn, p, batch_data, mask, key)[0])(params)
                     return jax.tree.map(lambda p, g: p - 0.1 * g, params, grads)
 
                 jitted = jax.jit(step)
@@ -194,15 +195,18 @@ class FederatedRun:
     """
 
     def __init__(self, model_name, cohort, layout, rounds, batch, population, step_bucket, mesh=None):
-        model = get_model(model_name, NUM_CLASSES, layout.lowering)
-        params = model.init(jax.random.key(0), jnp.zeros((1, 28, 28, 1)))
-        algorithm = fed_sgd_avg(classification_loss(model), client_learning_rate=0.1, server_learning_rate=1.0)
+        model = get_model(model_name, population.num_classes, layout.lowering)
+        params = model.init(jax.random.key(0), population.sample_input())
+        loss = task_loss(population.task, model)
+        algorithm = fed_sgd_avg(loss, client_learning_rate=0.1, server_learning_rate=1.0)
         self.round_fn = build_round(algorithm, layout.plan, mesh=mesh)
-        packing = PackingConfig(batch_size=batch, num_epochs=1, step_bucket=step_bucket)
+        packing = PackingConfig(
+            batch_size=batch, num_epochs=1, step_bucket=step_bucket, max_steps=population.max_steps
+        )
         self.cohorts, self.pack_times = [], []
         for round_index in range(rounds):
             ids = population.cohort_ids(round_index, cohort)
-            clients = [dict(zip(("x", "y"), population.client(int(i)))) for i in ids]
+            clients = [population.client(int(i)) for i in ids]
             tic = time.perf_counter()
             packed = pack_cohort(
                 clients, ids, packing, seed=0, round_index=round_index,
@@ -228,6 +232,50 @@ class FederatedRun:
         return time.perf_counter() - tic
 
 
+class EmnistWorkload:
+    """The EMNIST look-alike as a workload: dict clients, classification."""
+
+    num_classes, task, max_steps = NUM_CLASSES, CLASSIFICATION, None
+
+    def __init__(self):
+        self.population = EmnistLookalike()
+        self.num_clients = self.population.num_clients
+
+    def client(self, client_id: int) -> dict:
+        return dict(zip(("x", "y"), self.population.client(client_id)))
+
+    def cohort_ids(self, round_index: int, cohort_size: int):
+        return self.population.cohort_ids(round_index, cohort_size)
+
+    def sample_input(self):
+        return np.zeros((1, 28, 28, 1), np.float32)
+
+    def examples(self, count: int) -> dict:
+        return examples_of(self, count)
+
+
+def examples_of(workload, count: int) -> dict:
+    """At least ``count`` examples pooled from the first clients (the limit's data)."""
+    pooled, total, client_id = [], 0, 0
+    while total < count:
+        pooled.append(workload.client(client_id))
+        total += len(pooled[-1]["y"])
+        client_id += 1
+    return {k: np.concatenate([c[k] for c in pooled]) for k in pooled[0]}
+
+
+def workload(model_name: str, batch: int | None):
+    """``(population, batch)`` for a model: the EMNIST look-alike, or the suite task it belongs to."""
+    if model_name not in WORKLOADS:
+        return EmnistWorkload(), batch or 20
+    make, task_batch, max_steps = WORKLOADS[model_name]
+    population = make()
+    population.task = Task("next_token") if population.input_dtype == np.int32 else CLASSIFICATION
+    population.max_steps = max_steps
+    population.examples = lambda count: examples_of(population, count)
+    return population, batch or task_batch
+
+
 def measure(model_name, cohort, plans, rounds, batch, population, step_bucket, mesh, repeats):
     """Times every plan and the centralized limit, interleaved ``repeats`` times.
 
@@ -235,7 +283,7 @@ def measure(model_name, cohort, plans, rounds, batch, population, step_bucket, m
     the engine and its ceiling see the same machine load; the figures are
     medians over repeats and the ratio is a ratio of medians.
     """
-    limit = CentralizedLimit(model_name, batch, cohort)
+    limit = CentralizedLimit(model_name, batch, cohort, population)
     runs = {
         name: FederatedRun(model_name, cohort, plan, rounds, batch, population, step_bucket, mesh)
         for name, plan in plans.items()
@@ -304,10 +352,15 @@ def measure(model_name, cohort, plans, rounds, batch, population, step_bucket, m
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default="all", help="cnn, dense, logreg or all (comma-separated)")
+    parser.add_argument(
+        "--model", default="all",
+        help="cnn, dense, logreg or all (EMNIST look-alike); char_lstm, word_lstm, transformer, "
+             "resnet18 (the suite's look-alikes, benchmarks/suite_lookalikes.py); comma-separated",
+    )
     parser.add_argument("--cohort", default="10", help="comma-separated cohort sizes")
     parser.add_argument("--rounds", type=int, default=None, help="timed rounds (default: by model)")
-    parser.add_argument("--batch", type=int, default=20)
+    parser.add_argument("--batch", type=int, default=None,
+                        help="local batch (default: 20, or the suite task's batch of Reddi et al.)")
     parser.add_argument("--plans", default="default", help="comma-separated: default, vmap, lanesN, lanesNuK, lax")
     parser.add_argument("--host-devices", type=int, default=default_host_device_count(),
                         help="on CPU, shard over N forced XLA:CPU host devices (a clients mesh); "
@@ -331,15 +384,15 @@ def main(argv=None):
         if jax.default_backend() == "cpu":
             mesh = client_mesh(jax.devices()[: args.host_devices])
     models = ["cnn", "dense", "logreg"] if args.model == "all" else args.model.split(",")
-    population = EmnistLookalike()
     for model_name in models:
+        population, batch = workload(model_name, args.batch)
         # Default rounds: a steady pass of roughly 0.5 s (logreg, dense) to 10 s (cnn).
-        rounds = args.rounds or {"cnn": 4, "dense": 30, "logreg": 80}[model_name]
+        rounds = args.rounds or {"cnn": 4, "dense": 30, "logreg": 80}.get(model_name, 3)
         for cohort in [int(c) for c in args.cohort.split(",")]:
             plans = named_plans(args.plans.split(","), 1 if mesh is None else mesh.size)
             bucket = int(args.step_bucket) if args.step_bucket.isdigit() else args.step_bucket
             records = measure(
-                model_name, cohort, plans, rounds, args.batch, population, bucket, mesh, args.repeats
+                model_name, cohort, plans, rounds, batch, population, bucket, mesh, args.repeats
             )
             for record in records:
                 line = json.dumps(record)
