@@ -35,11 +35,12 @@ from fedjaxsim.core.algorithm import Algorithm, ClientOutput, with_aggregator
 from fedjaxsim.core.client_batch import Cohort
 from fedjaxsim.core.client_state import ClientStateStore
 from fedjaxsim.core.engine import ExecutionPlan, RoundOutput, build_round, default_plan
-from fedjaxsim.core.evaluation import batch_for_eval, build_classification_eval
+from fedjaxsim.core.evaluation import batch_for_eval, build_classification_eval, build_task_eval
 from fedjaxsim.core.losses import classification_loss, masked_mean_loss, squared_error_loss
 from fedjaxsim.core.packing import PackingConfig, default_num_lanes, pack_cohort
 from fedjaxsim.core.sampling import sample_uniform
 from fedjaxsim.core.sharding import client_mesh, shard_cohort
+from fedjaxsim.core.tasks import Task, task_loss
 from fedjaxsim.models import get_model
 from fedjaxsim.privacy.dp import dp_fed_avg
 
@@ -57,9 +58,11 @@ __all__ = [
     "ExecutionPlan",
     "PackingConfig",
     "RoundOutput",
+    "Task",
     "aggregate_clients",
     "batch_for_eval",
     "build_classification_eval",
+    "build_task_eval",
     "build_round",
     "classification_loss",
     "client_mesh",
@@ -84,6 +87,7 @@ __all__ = [
     "scaffold",
     "shard_cohort",
     "squared_error_loss",
+    "task_loss",
     "weighted_mean",
     "with_aggregator",
 ]
