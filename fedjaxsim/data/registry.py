@@ -32,6 +32,27 @@ def _tfds(name: str) -> Callable[..., FederatedDataset]:
     return load
 
 
+def _shakespeare(**options) -> FederatedDataset:
+    from fedjaxsim.data.shakespeare import load_shakespeare
+
+    return load_shakespeare(**options)
+
+
+def _fed_cifar100(**options) -> FederatedDataset:
+    from fedjaxsim.data.fed_cifar100 import load_fed_cifar100
+
+    return load_fed_cifar100(**options)
+
+
+def _stackoverflow(task: str) -> Callable[..., FederatedDataset]:
+    def load(**options) -> FederatedDataset:
+        from fedjaxsim.data.stackoverflow import load_stackoverflow
+
+        return load_stackoverflow(task, **options)
+
+    return load
+
+
 # Loaders import their module only when called, so that naming a dataset
 # never needs h5py or tensorflow-datasets unless that dataset is loaded.
 DATASETS: dict[str, Callable[..., FederatedDataset]] = {
@@ -43,6 +64,10 @@ DATASETS: dict[str, Callable[..., FederatedDataset]] = {
     "fashion_mnist": _tfds("fashion_mnist"),
     "cifar10": _tfds("cifar10"),
     "cifar100": _tfds("cifar100"),
+    "shakespeare": _shakespeare,
+    "fed_cifar100": _fed_cifar100,
+    "stackoverflow_nwp": _stackoverflow("stackoverflow_nwp"),
+    "stackoverflow_tp": _stackoverflow("stackoverflow_tp"),
 }
 
 
@@ -54,7 +79,9 @@ def load_dataset(name: str, **options) -> FederatedDataset:
         ``"federated_emnist"`` and ``"federated_emnist_digits"`` (natural
         writer clients), or a TFDS image dataset partitioned into clients
         (``"mnist"``, ``"emnist/byclass"``, ``"fashion_mnist"``, ``"cifar10"``,
-        ``"cifar100"``).
+        ``"cifar100"``), or the benchmark suite of Reddi et al. 2021 with
+        natural clients: ``"shakespeare"``, ``"fed_cifar100"``,
+        ``"stackoverflow_nwp"``, ``"stackoverflow_tp"``.
       **options: passed to the loader (e.g. ``num_clients``, ``partition``,
         ``data_dir``).
 

@@ -13,9 +13,25 @@ from fedjaxsim.models.model import (
     from_linen,
     from_nnx,
 )
+from fedjaxsim.models.resnet import ResNet18
+from fedjaxsim.models.sequence import (
+    BagOfWordsLogReg,
+    CausalTransformer,
+    CharLstm,
+    WordLstm,
+)
 from fedjaxsim.models.zoo import DenseNet, EmnistCnn, LogisticRegression
 
-MODEL_NAMES = ("cnn", "dense", "logreg")
+MODEL_NAMES = (
+    "cnn",
+    "dense",
+    "logreg",
+    "char_lstm",
+    "word_lstm",
+    "transformer",
+    "tag_logreg",
+    "resnet18",
+)
 
 
 def default_lowering(backend: str | None = None) -> str:
@@ -30,9 +46,23 @@ def default_lowering(backend: str | None = None) -> str:
 
 
 def get_model(
-    name: str, num_classes: int, lowering: str = "auto", backend: str | None = None
+    name: str,
+    num_classes: int,
+    lowering: str = "auto",
+    backend: str | None = None,
+    vocab_size: int | None = None,
 ) -> Model:
-    """A built-in model by name: ``"cnn"``, ``"dense"`` or ``"logreg"``.
+    """A built-in model by name, one of :data:`MODEL_NAMES`.
+
+    ``"cnn"``, ``"dense"`` and ``"logreg"`` take images or features. The
+    benchmark models of Reddi et al. 2021: ``"char_lstm"``
+    (:class:`CharLstm`), ``"word_lstm"`` (:class:`WordLstm`) and
+    ``"transformer"`` (:class:`CausalTransformer`) predict the next token,
+    over a vocabulary of ``num_classes`` ids; ``"tag_logreg"``
+    (:class:`BagOfWordsLogReg`) maps ``vocab_size`` words (default 10,000) to
+    ``num_classes`` tags; ``"resnet18"`` (:class:`ResNet18`) classifies
+    CIFAR images. The benchmark models use flax's own layers, so
+    ``lowering`` and ``backend`` do not affect them.
 
     Args:
       name: the model.
@@ -45,6 +75,8 @@ def get_model(
         layers take their weight gradients from plain dots
         (``models/dense.py``); the lax lowering is plain XLA throughout, the
         baseline the benchmarks compare against.
+      vocab_size: words of ``"tag_logreg"``'s bag of words (default 10,000);
+        the other models ignore it.
     """
     if lowering == "auto":
         lowering = default_lowering(backend)
@@ -58,6 +90,13 @@ def get_model(
         "cnn": lambda: EmnistCnn(num_classes, lowering=lowering, cpu_gradients=cpu_gradients),
         "dense": lambda: DenseNet(num_classes, cpu_gradients=cpu_gradients),
         "logreg": lambda: LogisticRegression(num_classes, cpu_gradients=cpu_gradients),
+        "char_lstm": lambda: CharLstm(vocab_size=num_classes),
+        "word_lstm": lambda: WordLstm(vocab_size=num_classes),
+        "transformer": lambda: CausalTransformer(vocab_size=num_classes),
+        "tag_logreg": lambda: BagOfWordsLogReg(
+            vocab_size=10000 if vocab_size is None else vocab_size, num_classes=num_classes
+        ),
+        "resnet18": lambda: ResNet18(num_classes),
     }
     if name not in modules:
         raise ValueError(f"unknown model {name!r}; choose one of {MODEL_NAMES}")
@@ -67,11 +106,16 @@ def get_model(
 __all__ = [
     "LOWERINGS",
     "MODEL_NAMES",
+    "BagOfWordsLogReg",
+    "CausalTransformer",
+    "CharLstm",
     "Conv",
     "DenseNet",
     "EmnistCnn",
     "LogisticRegression",
     "Model",
+    "ResNet18",
+    "WordLstm",
     "classification_loss",
     "conv2d_valid",
     "count_params",

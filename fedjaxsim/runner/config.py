@@ -58,7 +58,9 @@ from fedjaxsim.runner.privacy_configs import (
 )
 from fedjaxsim.runner.system_configs import AsynchronyConfig, SystemConfig
 
-ModelName = Literal["cnn", "dense", "logreg"]
+ModelName = Literal[
+    "cnn", "dense", "logreg", "resnet18", "char_lstm", "word_lstm", "transformer", "tag_logreg"
+]
 
 
 def _alias(*names: str):
@@ -123,8 +125,8 @@ class TrainingConfig:
     """Optional cap on local steps per client and round."""
     step_bucket: Literal["pow2", "geometric", "exact"] | int = "pow2"
     """Round each cohort's step count up to a bucket, so few shapes compile."""
-    weighting: Literal["num_examples", "num_processed", "uniform"] = "num_examples"
-    """Client weights in the average."""
+    weighting: Literal["num_examples", "num_processed", "num_tokens", "uniform"] = "num_examples"
+    """Client weights in the average (num_tokens: real target tokens, for next-token tasks)."""
     sampling: Literal["fixed_size", "poisson", "shuffle"] = "fixed_size"
     """Cohorts: fixed_size (uniform, no replacement), poisson (cohort_size expected), shuffle."""
 

@@ -147,4 +147,133 @@ class TfdsData:
         )
 
 
-DATA_CONFIGS = (DigitsData, FederatedEmnistData, TfdsData)
+@data_config
+class ShakespeareData:
+    """Shakespeare (LEAF, as TFF and FedJAX publish it): each speaking role of each play
+    is a client (715); next-character prediction over sequences of 80."""
+
+    name: tyro.conf.Suppress[Literal["shakespeare"]] = "shakespeare"
+    pixel_levels: ClassVar = 255  # not images; recorded in checkpoints for predict
+    source: Literal["tff", "fedjax", "leaf"] = "tff"
+    """Published files to read (identical clients)."""
+    sequence_length: int = 80
+    """Characters per training sequence (FedJAX and TFF use 80)."""
+    data_dir: str | None = None
+    """Dataset cache folder (default $FEDJAXSIM_DATA_DIR or the user cache)."""
+    download: bool = True
+    """Whether missing files may be downloaded."""
+    strict: bool = True
+    """Refuse files whose client and example counts differ from the published ones."""
+
+    def check(self) -> None:
+        check_int("sequence_length", self.sequence_length, minimum=1)
+
+    def population(self) -> int:
+        from fedjaxsim.data.shakespeare import PUBLISHED_FACTS
+
+        return PUBLISHED_FACTS["train"].num_clients
+
+    def load(self, seed: int, progress: bool) -> FederatedDataset:
+        del seed
+        from fedjaxsim.data.shakespeare import load_shakespeare
+
+        return load_shakespeare(
+            source=self.source,
+            data_dir=self.data_dir,
+            download=self.download,
+            progress=progress,
+            strict=self.strict,
+            sequence_length=self.sequence_length,
+        )
+
+
+@data_config
+class FedCifar100Data:
+    """CIFAR-100 split over 500 train and 100 test clients by a Pachinko
+    allocation (Reddi et al. 2021, as TFF and FedJAX publish it)."""
+
+    name: tyro.conf.Suppress[Literal["fed_cifar100"]] = "fed_cifar100"
+    pixel_levels: ClassVar = 255  # 8-bit images
+    source: Literal["tff", "fedjax"] = "tff"
+    """Published files to read (identical clients)."""
+    data_dir: str | None = None
+    """Dataset cache folder (default $FEDJAXSIM_DATA_DIR or the user cache)."""
+    download: bool = True
+    """Whether missing files may be downloaded."""
+    strict: bool = True
+    """Refuse files whose client and example counts differ from the published ones."""
+
+    def check(self) -> None:
+        pass
+
+    def population(self) -> int:
+        from fedjaxsim.data.fed_cifar100 import PUBLISHED_FACTS
+
+        return PUBLISHED_FACTS["train"].num_clients
+
+    def load(self, seed: int, progress: bool) -> FederatedDataset:
+        del seed
+        from fedjaxsim.data.fed_cifar100 import load_fed_cifar100
+
+        return load_fed_cifar100(
+            source=self.source,
+            data_dir=self.data_dir,
+            download=self.download,
+            progress=progress,
+            strict=self.strict,
+        )
+
+
+@data_config
+class StackOverflowData:
+    """Stack Overflow (TFF): each user is a client (342,477 in train); next-word
+    prediction (stackoverflow_nwp) or tag prediction (stackoverflow_tp)."""
+
+    name: Literal["stackoverflow_nwp", "stackoverflow_tp"] = "stackoverflow_nwp"
+    """stackoverflow_nwp: next word over 10,000 words; stackoverflow_tp: top-500 tags
+    from a bag of the top 10,000 words."""
+    pixel_levels: ClassVar = 255  # not images; recorded in checkpoints for predict
+    eval_split: Literal["test", "held_out"] = "test"
+    """Split evaluated on."""
+    test_examples: int | None = 10_000
+    """Evaluate on this many examples sampled from the eval split (Reddi et al.
+    use 10,000); None evaluates the whole split."""
+    data_dir: str | None = None
+    """Dataset cache folder (default $FEDJAXSIM_DATA_DIR or the user cache)."""
+    download: bool = True
+    """Whether missing files may be downloaded."""
+    strict: bool = True
+    """Refuse files whose client and example counts differ from the published ones."""
+
+    def check(self) -> None:
+        if self.test_examples is not None:
+            check_int("test_examples", self.test_examples, minimum=1)
+
+    def population(self) -> int:
+        from fedjaxsim.data.stackoverflow import PUBLISHED_FACTS
+
+        return PUBLISHED_FACTS["train"].num_clients
+
+    def load(self, seed: int, progress: bool) -> FederatedDataset:
+        from fedjaxsim.data.stackoverflow import load_stackoverflow
+
+        return load_stackoverflow(
+            self.name,
+            eval_split=self.eval_split,
+            test_examples=self.test_examples,
+            seed=seed,
+            data_dir=self.data_dir,
+            download=self.download,
+            progress=progress,
+            strict=self.strict,
+        )
+
+
+DATA_CONFIGS = (
+    DigitsData,
+    FederatedEmnistData,
+    TfdsData,
+    ShakespeareData,
+    FedCifar100Data,
+    StackOverflowData,
+)
