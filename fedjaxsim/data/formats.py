@@ -247,11 +247,14 @@ def leaf_json_files(location: str | Path | Sequence[str | Path]) -> list[Path]:
     return [_existing(p) for p in location]
 
 
-def iter_leaf_json(location: str | Path | Sequence[str | Path]) -> Iterator[ClientRecord]:
-    """Clients of LEAF JSON shards, file by file in the shards' user order.
+def iter_leaf_json_records(
+    location: str | Path | Sequence[str | Path],
+) -> Iterator[tuple[str, dict, int, str]]:
+    """Users of LEAF JSON shards with their records as JSON decoded them.
 
-    ``x`` is decoded as float32 ``[N, ...]`` and ``y`` as int64 ``[N]``; the
-    declared count is the shard's ``num_samples`` entry.
+    Yields ``(user, {"x": list, "y": list}, declared count, shard)``, file by
+    file in the shards' user order, for datasets whose ``x`` is not numeric
+    (e.g. Shakespeare's strings).
 
     Raises:
       DataFormatError: unreadable JSON (a truncated shard), missing keys, or
@@ -284,13 +287,27 @@ def iter_leaf_json(location: str | Path | Sequence[str | Path]) -> Iterator[Clie
             record = user_data[user]
             if not isinstance(record, dict) or not {"x", "y"} <= set(record):
                 raise DataFormatError(f"{path}: user {user!r} has no x and y lists")
-            try:
-                x = np.asarray(record["x"], dtype=np.float32)
-                y = np.asarray(record["y"])
-            except (ValueError, TypeError) as error:
-                raise DataFormatError(
-                    f"{path}: user {user!r} has ragged or non-numeric data ({error})"
-                ) from error
-            if y.size == 0:
-                y = y.astype(np.int64)
-            yield str(user), {"x": x, "y": y}, int(count), str(path)
+            yield str(user), record, int(count), str(path)
+
+
+def iter_leaf_json(location: str | Path | Sequence[str | Path]) -> Iterator[ClientRecord]:
+    """Clients of LEAF JSON shards, file by file in the shards' user order.
+
+    ``x`` is decoded as float32 ``[N, ...]`` and ``y`` as int64 ``[N]``; the
+    declared count is the shard's ``num_samples`` entry.
+
+    Raises:
+      DataFormatError: unreadable JSON (a truncated shard), missing keys, or
+        ``users`` and ``user_data`` that disagree, naming the shard.
+    """
+    for user, record, count, path in iter_leaf_json_records(location):
+        try:
+            x = np.asarray(record["x"], dtype=np.float32)
+            y = np.asarray(record["y"])
+        except (ValueError, TypeError) as error:
+            raise DataFormatError(
+                f"{path}: user {user!r} has ragged or non-numeric data ({error})"
+            ) from error
+        if y.size == 0:
+            y = y.astype(np.int64)
+        yield user, {"x": x, "y": y}, count, path
