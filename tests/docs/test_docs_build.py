@@ -122,13 +122,24 @@ def test_api_pages_document_the_public_modules(site):
             "fedjaxsim.core.client_state.ClientStateStore",
             "fedjaxsim.core.evaluation.batch_for_eval",
             "fedjaxsim.core.losses.classification_loss",
+            "fedjaxsim.core.tasks.task_loss",
+            "fedjaxsim.core.tasks.metric_sums",
         ],
         "engine.html": [
             "fedjaxsim.core.engine.round.build_round",
             "fedjaxsim.core.engine.plan.ExecutionPlan",
         ],
-        "models.html": ["fedjaxsim.models.get_model", "fedjaxsim.models.model.from_linen"],
-        "data.html": ["fedjaxsim.data.digits.federated_digits"],
+        "models.html": [
+            "fedjaxsim.models.get_model",
+            "fedjaxsim.models.model.from_linen",
+            "fedjaxsim.models.sequence.CharLstm",
+            "fedjaxsim.models.resnet.ResNet18",
+        ],
+        "data.html": [
+            "fedjaxsim.data.digits.federated_digits",
+            "fedjaxsim.data.shakespeare.load_shakespeare",
+            "fedjaxsim.data.fed_cifar100.load_fed_cifar100",
+        ],
         "privacy.html": [
             "fedjaxsim.privacy.dp.dp_fed_avg_aggregator",
             "fedjaxsim.privacy.accounting.compute_epsilon",
