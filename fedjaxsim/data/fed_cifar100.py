@@ -230,7 +230,14 @@ def _source_files(source: str, directory: Path, download: bool, progress: bool) 
     if source == "tff":
         wanted = {tff_filename(split): directory / tff_filename(split) for split in SPLITS}
         if not all(path.is_file() for path in wanted.values()):
-            archive = downloads.fetch(TFF_ARCHIVE, directory, download=download, progress=progress)
+            try:
+                archive = downloads.fetch(
+                    TFF_ARCHIVE, directory, download=download, progress=progress
+                )
+            except downloads.DatasetUnavailableError as error:
+                raise downloads.DatasetUnavailableError(
+                    f"{error} Or place the extracted {' and '.join(wanted)} in {directory}."
+                ) from error
             downloads.extract_members(archive, wanted)
         return {split: directory / tff_filename(split) for split in SPLITS}
     return {split: _fedjax_file(split, directory) for split in SPLITS}

@@ -172,5 +172,6 @@ def test_offline_load_names_the_missing_file(tmp_path, monkeypatch):
     with pytest.raises(DatasetUnavailableError) as raised:
         load_fed_cifar100(download=False)
     assert str(tmp_path / "env_cache" / "fed_cifar100.tar.bz2") in str(raised.value)
+    assert "fed_cifar100_train.h5 and fed_cifar100_test.h5" in str(raised.value)
     with pytest.raises(ValueError, match="source must be one of"):
         load_fed_cifar100(source="leaf")

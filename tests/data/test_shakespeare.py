@@ -1,5 +1,6 @@
 import json
 
+import h5py
 import numpy as np
 import pytest
 
@@ -17,10 +18,12 @@ from fedjaxsim.data.shakespeare import (
 from fedjaxsim.data.validation import DroppedClientsWarning
 from tests.data.benchmark_files import (
     LINES,
+    fedjax_blob,
     long_text_roles,
     make_roles,
     tar_bz2,
     write_fedjax_shakespeare,
+    write_fedjax_sqlite,
     write_leaf_shakespeare,
     write_tff_shakespeare_h5,
 )
@@ -55,7 +58,7 @@ def test_constants_are_fedjax_ids():
     assert (shakespeare.PAD, shakespeare.BOS, shakespeare.EOS) == (0, 1, 2)
     assert (shakespeare.OOV, shakespeare.VOCAB_SIZE) == (89, 90)
     assert shakespeare.TASK.kind == "next_token" and shakespeare.TASK.pad_id == 0
-    assert shakespeare.TASK.excluded_ids == (2,)
+    assert shakespeare.TASK.excluded_ids == (1,)  # BOS; EOS counts, as in Reddi et al.
     assert shakespeare.PUBLISHED_FACTS["train"] == SplitFacts(715, 16_068)
     assert shakespeare.PUBLISHED_FACTS["test"] == SplitFacts(715, 2_356)
 
@@ -83,6 +86,25 @@ def test_preprocessing_matches_a_plain_loop(length):
         examples = preprocess_snippets(snippets, length)
         assert examples["x"].tolist() == x
         assert examples["y"].tolist() == y
+
+
+def test_accuracy_counts_every_character_and_eos_once_and_never_bos():
+    # TFF's baseline (Reddi et al.) counts every non-padding target of
+    # sequences cut per snippet: each character and the EOS, never BOS.
+    snippets = [b"To be", b"", b"or not~", b"x" * 13]
+    expected = []
+    for snippet in snippets:
+        for byte in snippet:
+            character = chr(byte)
+            expected.append(3 + VOCABULARY.index(character) if character in VOCABULARY else 89)
+        expected.append(2)
+    for length in (1, 4, 80):
+        examples = preprocess_snippets(snippets, length)
+        targets = examples["y"].ravel()
+        counted = [int(t) for t in targets if t not in (0, *shakespeare.TASK.excluded_ids)]
+        assert counted == expected
+        # BOS targets exist only in FedJAX's joined sequence, right after an EOS input.
+        assert set(examples["x"].ravel()[targets == 1].tolist()) == {2}
 
 
 def _write_all(tmp_path, roles):
@@ -175,6 +197,61 @@ def test_empty_client_is_a_clear_error_or_dropped(tmp_path):
     assert "NOBODY_SILENT" not in list(data.client_names)
 
 
+def test_client_without_characters_is_empty(tmp_path):
+    roles = {**make_roles(sizes=(2, 1)), "A_MUTE_ROLE": [b"", b""]}
+    write_fedjax_shakespeare(tmp_path / "mute.sqlite", roles)
+    with pytest.raises(
+        ValueError, match="mute.sqlite: client 'A_MUTE_ROLE' has 2 snippets but no characters"
+    ):
+        read_fedjax_shakespeare(tmp_path / "mute.sqlite")
+    with pytest.warns(DroppedClientsWarning, match="dropped 1 of 3 clients.*1 empty"):
+        data = read_fedjax_shakespeare(tmp_path / "mute.sqlite", drop_invalid=True)
+    assert list(data.client_names) == sorted(make_roles(sizes=(2, 1)))
+
+
+def test_snippets_that_are_not_byte_strings_name_the_file_and_client(tmp_path):
+    roles = make_roles(sizes=(2, 1))
+    write_tff_shakespeare_h5(tmp_path / "ints.h5", roles)
+    with h5py.File(tmp_path / "ints.h5", "a") as file:
+        file.create_group("examples/NUMBERS").create_dataset("snippets", data=np.arange(3))
+    with pytest.raises(
+        ValueError,
+        match="ints.h5: client 'NUMBERS' has a snippet of type int, expected byte strings",
+    ):
+        read_tff_shakespeare(tmp_path / "ints.h5")
+    clients = {name: {"snippets": _object_array(s)} for name, s in roles.items()}
+    clients["NUMBERS"] = {"snippets": np.arange(3, dtype=np.int64)}
+    write_fedjax_sqlite(tmp_path / "ints.sqlite", clients)
+    with pytest.raises(ValueError, match="ints.sqlite: client 'NUMBERS' has a snippet of type int"):
+        read_fedjax_shakespeare(tmp_path / "ints.sqlite")
+
+
+def test_fedjax_counts_and_blobs_are_checked_per_client(tmp_path):
+    roles = make_roles(sizes=(2, 3))
+    broken = max(roles)
+    write_fedjax_shakespeare(
+        tmp_path / "count.sqlite", roles, num_examples=lambda name, n: n + (name == broken)
+    )
+    held = len(roles[broken])
+    declared = f"is declared with {held + 1} examples but holds {held}"
+    with pytest.raises(ValueError, match=f"count.sqlite: client '{broken}' {declared}"):
+        read_fedjax_shakespeare(tmp_path / "count.sqlite")
+
+    def blob(name):
+        whole = fedjax_blob({"snippets": _object_array(roles[name])})
+        return whole[:7] if name == broken else whole
+
+    write_fedjax_shakespeare(tmp_path / "blob.sqlite", roles, blob=blob)
+    with pytest.raises(DataFormatError, match=f"blob.sqlite: client '{broken}' does not decode"):
+        read_fedjax_shakespeare(tmp_path / "blob.sqlite")
+
+
+def _object_array(snippets):
+    array = np.empty(len(snippets), dtype=object)
+    array[:] = snippets
+    return array
+
+
 def test_published_counts_are_checked_on_snippets(tmp_path):
     roles = make_roles(sizes=(2, 3))
     write_tff_shakespeare_h5(tmp_path / "shakespeare_train.h5", roles)
@@ -264,12 +341,28 @@ def test_load_fedjax_and_leaf_sources(tmp_path, monkeypatch):
     np.testing.assert_array_equal(leaf.test.offsets, fedjax.test.offsets)
 
 
+def test_leaf_has_its_own_store_and_no_tff_counts(tmp_path):
+    texts = {name: s[0].decode("ascii") for name, s in long_text_roles(count=2).items()}
+    for split in ("train", "test"):
+        write_leaf_shakespeare(tmp_path / "leaf_shakespeare" / split, texts)
+    # LEAF's roles are not TFF's 715: the published counts are not applied.
+    leaf = load_shakespeare(source="leaf", data_dir=tmp_path, download=False)
+    assert leaf.train.num_clients == 2 and leaf.task == shakespeare.TASK
+    assert (tmp_path / "shakespeare_leaf" / "dataset.json").is_file()
+    assert not (tmp_path / "shakespeare").exists()
+    # TFF's text differs from LEAF's, so a TFF load never opens LEAF's store.
+    with pytest.raises(DatasetUnavailableError, match="shakespeare.tar.bz2"):
+        load_shakespeare(data_dir=tmp_path, download=False)
+    assert shakespeare.store_name(20, "leaf") == "shakespeare_leaf_seq20"
+
+
 def test_offline_load_names_the_missing_file_or_folder(tmp_path, monkeypatch):
     monkeypatch.setenv("FEDJAXSIM_DATA_DIR", str(tmp_path / "env_cache"))
     with pytest.raises(DatasetUnavailableError) as raised:
         load_shakespeare(download=False)
     message = str(raised.value)
     assert str(tmp_path / "env_cache" / "shakespeare.tar.bz2") in message
+    assert "shakespeare_train.h5 and shakespeare_test.h5" in message
     assert "https://storage.googleapis.com/tff-datasets-public/shakespeare.tar.bz2" in message
     with pytest.raises(DatasetUnavailableError, match="shakespeare_train.sqlite"):
         load_shakespeare(source="fedjax", download=False)
