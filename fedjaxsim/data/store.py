@@ -58,10 +58,28 @@ def _field_file(name: str) -> str:
 
 
 def _describe(path: Path, array: np.ndarray | None = None) -> dict:
+    if array is None:
+        return describe_file(path)
+    return describe_file(path, array.dtype, array.shape)
+
+
+def field_file_name(name: str) -> str:
+    """The file holding field ``name`` in a store folder: ``field_<name>.npy``.
+
+    Raises:
+      ValueError: a name that cannot be part of a file name.
+    """
+    return _field_file(name)
+
+
+def describe_file(path: str | Path, dtype=None, shape: tuple[int, ...] | None = None) -> dict:
+    """The manifest entry of a store file: name, sha256 and size, plus the
+    dtype and shape of an array file (pass both or neither)."""
+    path = Path(path)
     entry = {"file": path.name, "sha256": sha256_file(path), "bytes": path.stat().st_size}
-    if array is not None:
-        entry["dtype"] = np.dtype(array.dtype).str
-        entry["shape"] = list(array.shape)
+    if shape is not None:
+        entry["dtype"] = np.dtype(dtype).str
+        entry["shape"] = [int(n) for n in shape]
     return entry
 
 
@@ -92,6 +110,24 @@ def _replace_folder(temporary: Path, final: Path, overwrite: bool) -> None:
         shutil.rmtree(retired)
     else:
         os.rename(temporary, final)
+
+
+def replace_folder(temporary: str | Path, final: str | Path, *, overwrite: bool) -> None:
+    """Moves a finished folder into place in one rename (two if ``final``
+    exists and ``overwrite``), so readers see the old folder or the new one.
+
+    Raises:
+      FileExistsError: ``final`` exists and ``overwrite`` is False
+        (``temporary`` is then deleted).
+    """
+    _replace_folder(Path(temporary), Path(final), overwrite)
+
+
+def write_manifest(directory: str | Path, manifest: Mapping) -> None:
+    """Writes ``manifest.json`` of a store folder as :func:`write_federated_data` does."""
+    Path(directory, "manifest.json").write_text(
+        json.dumps(manifest, indent=1, sort_keys=True) + "\n", encoding="utf-8"
+    )
 
 
 def write_federated_data(
@@ -148,9 +184,7 @@ def write_federated_data(
             path = temporary / "client_names.json"
             path.write_text(json.dumps(list(data.client_names)), encoding="utf-8")
             manifest["client_names"] = _describe(path)
-        (temporary / "manifest.json").write_text(
-            json.dumps(manifest, indent=1, sort_keys=True) + "\n", encoding="utf-8"
-        )
+        write_manifest(temporary, manifest)
     except BaseException:
         shutil.rmtree(temporary, ignore_errors=True)
         raise
@@ -278,22 +312,36 @@ def write_dataset(
     try:
         write_federated_data(dataset.train, temporary / "train", metadata=metadata)
         write_federated_data(dataset.test, temporary / "test", metadata=metadata)
-        description = {
-            "format": DATASET_FORMAT,
-            "version": STORE_VERSION,
-            "name": dataset.name,
-            "num_classes": dataset.num_classes,
-            "input_shape": list(dataset.input_shape),
-            "task": dataset.task.as_json(),
-        }
-        (temporary / "dataset.json").write_text(
-            json.dumps(description, indent=1) + "\n", encoding="utf-8"
+        write_dataset_description(
+            temporary, dataset.name, dataset.num_classes, dataset.input_shape, dataset.task
         )
     except BaseException:
         shutil.rmtree(temporary, ignore_errors=True)
         raise
     _replace_folder(temporary, final, overwrite)
     return final
+
+
+def write_dataset_description(
+    directory: str | Path,
+    name: str,
+    num_classes: int,
+    input_shape: tuple[int, ...],
+    task: Task,
+) -> None:
+    """Writes ``dataset.json`` into a folder that already holds ``train/`` and
+    ``test/`` stores, as :func:`write_dataset` does."""
+    description = {
+        "format": DATASET_FORMAT,
+        "version": STORE_VERSION,
+        "name": name,
+        "num_classes": num_classes,
+        "input_shape": list(input_shape),
+        "task": task.as_json(),
+    }
+    Path(directory, "dataset.json").write_text(
+        json.dumps(description, indent=1) + "\n", encoding="utf-8"
+    )
 
 
 def read_dataset(directory: str | Path, *, verify: bool = False) -> FederatedDataset:
