@@ -29,6 +29,28 @@ DirichletAlpha = Annotated[
 Partition = Literal["iid", "dirichlet", "shards", "quantity"]
 
 
+def _switch(text: str) -> bool:
+    lowered = text.lower()
+    if lowered not in ("true", "false"):
+        raise ValueError(f"expected true or false, got {text!r}")
+    return lowered == "true"
+
+
+# A bool that takes a value on the command line (`--data.download false`), in any case.
+Switch = tyro.conf.FlagConversionOff[
+    Annotated[
+        bool,
+        tyro.constructors.PrimitiveConstructorSpec(
+            nargs=1,
+            metavar="{true,false}",
+            instance_from_str=lambda args: _switch(args[0]),
+            is_instance=lambda value: isinstance(value, bool),
+            str_from_instance=lambda value: [str(value).lower()],
+        ),
+    ]
+]
+
+
 def data_config(cls):
     """A frozen, keyword-only dataclass."""
     return dataclasses.dataclass(frozen=True, kw_only=True)(cls)
@@ -81,7 +103,7 @@ class FederatedEmnistData:
     """Published files to read (identical data)."""
     data_dir: str | None = None
     """Dataset cache folder (default $FEDJAXSIM_DATA_DIR or the user cache)."""
-    download: bool = True
+    download: Switch = True
     """Whether missing files may be downloaded."""
 
     def check(self) -> None:
@@ -120,7 +142,7 @@ class TfdsData:
     """Shards per client for partition=shards."""
     data_dir: str | None = None
     """Dataset cache folder (default $FEDJAXSIM_DATA_DIR or the user cache)."""
-    download: bool = False
+    download: Switch = False
     """Whether TFDS may download and prepare a missing dataset."""
 
     def check(self) -> None:
@@ -160,7 +182,7 @@ class ShakespeareData:
     """Characters per training sequence (FedJAX and TFF use 80)."""
     data_dir: str | None = None
     """Dataset cache folder (default $FEDJAXSIM_DATA_DIR or the user cache)."""
-    download: bool = True
+    download: Switch = True
     """Whether missing files may be downloaded."""
     strict: bool = True
     """Refuse files whose client and example counts differ from the published ones."""
@@ -198,7 +220,7 @@ class FedCifar100Data:
     """Published files to read (identical clients)."""
     data_dir: str | None = None
     """Dataset cache folder (default $FEDJAXSIM_DATA_DIR or the user cache)."""
-    download: bool = True
+    download: Switch = True
     """Whether missing files may be downloaded."""
     strict: bool = True
     """Refuse files whose client and example counts differ from the published ones."""
@@ -240,7 +262,7 @@ class StackOverflowData:
     use 10,000); None evaluates the whole split."""
     data_dir: str | None = None
     """Dataset cache folder (default $FEDJAXSIM_DATA_DIR or the user cache)."""
-    download: bool = True
+    download: Switch = True
     """Whether missing files may be downloaded."""
     strict: bool = True
     """Refuse files whose client and example counts differ from the published ones."""

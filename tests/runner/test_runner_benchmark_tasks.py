@@ -172,3 +172,12 @@ def test_tag_prediction_reports_recall_and_precision_at_5(tmp_path):
     # One tag per post and 5 guesses: precision is recall / 5 exactly.
     assert last["test_precision_at_5"] == pytest.approx(last["test_recall_at_5"] / 5)
     assert "client_recall_at_5_mean" in last
+
+
+@pytest.mark.parametrize("name", ["shakespeare", "fed_cifar100", "stackoverflow_nwp"])
+def test_offline_flags_read_as_the_issue_writes_them(name):
+    from fedjaxsim.runner.config import parse_run_arguments
+
+    argv = ["--dataset", name, "--data.data-dir", "DIR", "--data.download", "false"]
+    data = parse_run_arguments(argv)[0].data
+    assert (data.name, data.data_dir, data.download) == (name, "DIR", False)
