@@ -109,13 +109,24 @@ def multi_hot(labels: jax.Array, num_classes: int) -> jax.Array:
     return jnp.any(hits, axis=-2).astype(jnp.float32)
 
 
+def token_cross_entropy(logits: jax.Array, targets: jax.Array, real: jax.Array) -> jax.Array:
+    """float32[...]: softmax cross-entropy of each target, 0 where ``real`` is False.
+
+    Non-real targets are read as id 0, so a padding id outside the vocabulary
+    (tokenized text pads targets with the tokenizer's vocabulary size, leaving
+    every real token, end-of-text included, a target) never indexes past the
+    logits.
+    """
+    safe = jnp.where(real, targets, 0)
+    losses = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), safe)
+    return jnp.where(real, losses, 0.0)
+
+
 def next_token_losses(logits: jax.Array, targets: jax.Array, pad_id: int) -> TokenLosses:
     """Softmax cross-entropy summed over each example's non-padding targets."""
-    losses = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), targets)
     real = targets != pad_id
-    return TokenLosses(
-        jnp.sum(jnp.where(real, losses, 0.0), axis=-1), jnp.sum(real, axis=-1, dtype=jnp.float32)
-    )
+    losses = token_cross_entropy(logits, targets, real)
+    return TokenLosses(jnp.sum(losses, axis=-1), jnp.sum(real, axis=-1, dtype=jnp.float32))
 
 
 def multilabel_losses(logits: jax.Array, labels: jax.Array) -> jax.Array:
@@ -220,9 +231,8 @@ def metric_sums(task: Task, logits: jax.Array, labels: jax.Array, mask: jax.Arra
         counted = real
         for token in task.excluded_ids:
             counted = counted & (labels != token)
-        losses = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
         return {
-            "loss_sum": jnp.sum(jnp.where(real, losses, 0.0)),
+            "loss_sum": jnp.sum(token_cross_entropy(logits, labels, real)),
             "loss_count": jnp.sum(real, dtype=jnp.float32),
             "num_correct": jnp.sum(correct & counted, dtype=jnp.float32),
             "num_predictions": jnp.sum(counted, dtype=jnp.float32),

@@ -85,6 +85,38 @@ def test_all_padding_tokens_give_zero_loss_and_zero_gradient(sequences):
     assert not np.any(np.asarray(grads))
 
 
+def test_a_pad_id_outside_the_vocabulary_gives_the_loss_metrics_and_gradient_of_an_inside_one(
+    sequences,
+):
+    """Tokenized text pads targets with the vocabulary size: the same numbers as
+    padding with an in-vocabulary id, and finite gradients with no NaN."""
+    x, y, table, mask = sequences
+    outside = np.where(y == PAD, VOCAB, y)
+    model = _embedding_model()
+
+    def loss_and_grad(pad_id, targets):
+        loss_fn = task_loss(Task("next_token", pad_id=pad_id), model)
+
+        def mean(params):
+            batch = {"x": x, "y": targets}
+            return masked_mean_loss(loss_fn, params, batch, jnp.asarray(mask), None)[0]
+
+        return jax.value_and_grad(mean)(jnp.asarray(table))
+
+    (inside_loss, inside_grad), (outside_loss, outside_grad) = (
+        loss_and_grad(PAD, y),
+        loss_and_grad(VOCAB, outside),
+    )
+    assert float(inside_loss) == float(outside_loss)
+    np.testing.assert_array_equal(np.asarray(inside_grad), np.asarray(outside_grad))
+    logits = jnp.asarray(table[x])
+    inside = metric_sums(Task("next_token", pad_id=PAD), logits, jnp.asarray(y), jnp.asarray(mask))
+    outside_sums = metric_sums(
+        Task("next_token", pad_id=VOCAB), logits, jnp.asarray(outside), jnp.asarray(mask)
+    )
+    assert jax.device_get(inside) == jax.device_get(outside_sums)
+
+
 def test_next_token_accuracy_leaves_out_padding_and_excluded_tokens(sequences):
     x, y, table, mask = sequences
     task = Task("next_token", pad_id=PAD, excluded_ids=(OOV, BOS, EOS))
