@@ -33,6 +33,15 @@ every non-padding target, ``EOS`` included, of sequences cut per snippet, in
 which ``BOS`` is never a target. FedJAX's joined sequences make ``BOS`` the
 target after every ``EOS``, a free guess that would raise accuracy, so it is
 left out; see the comment at :data:`TASK`.
+
+Re-tokenized (``tokenizer=`` a local Hugging Face ``tokenizer.json``), for
+fine-tuning a pretrained language model on each role: a client's snippets
+are decoded as UTF-8, tokenized (:func:`tokenize_snippets`), each followed by
+the end-of-text token, and packed into one stream that starts with
+end-of-text too (:func:`fedjaxsim.data.text.pack_documents`), so every token
+of the role's text is a target. Empty snippets are skipped. Targets are
+padded with the vocabulary size (:func:`fedjaxsim.data.text.next_token_task`)
+and inputs with the end-of-text id; ``num_classes`` is the vocabulary size.
 """
 
 from __future__ import annotations
@@ -45,6 +54,7 @@ import numpy as np
 
 from fedjaxsim.core.tasks import Task
 from fedjaxsim.data import download as downloads
+from fedjaxsim.data import text
 from fedjaxsim.data.emnist import SplitFacts
 from fedjaxsim.data.federated import FederatedData, FederatedDataset
 from fedjaxsim.data.formats import (
@@ -118,14 +128,19 @@ def fedjax_remote(split: str) -> downloads.RemoteFile:
     return downloads.RemoteFile(filename, _FEDJAX_URL + filename, None)
 
 
-def store_name(sequence_length: int, source: str = "tff") -> str:
+def store_name(sequence_length: int, source: str = "tff", tokenizer=None) -> str:
     """The store folder: ``shakespeare``, or ``shakespeare_seq{L}`` for other lengths.
 
     TFF's and FedJAX's files hold the same snippets and share a store; LEAF's
     text has no snippet boundaries (and LEAF's own line handling), so its
-    store is ``shakespeare_leaf[_seq{L}]``.
+    store is ``shakespeare_leaf[_seq{L}]``. Re-tokenized data (``tokenizer``
+    a ``tokenizers.Tokenizer``) is ``shakespeare[_leaf]_tok{digest}_seq{L}``,
+    the digest that of the tokenizer's JSON, so another tokenizer never opens
+    this one's store.
     """
     name = "shakespeare_leaf" if source == "leaf" else "shakespeare"
+    if tokenizer is not None:
+        return f"{name}_{text.text_store_suffix(tokenizer, sequence_length)}"
     if sequence_length == DEFAULT_SEQUENCE_LENGTH:
         return name
     return f"{name}_seq{sequence_length}"
@@ -162,6 +177,66 @@ def preprocess_snippets(snippets: Sequence[bytes], sequence_length: int) -> dict
     x[: joined_length - 1] = joined[:-1]
     y[: joined_length - 1] = joined[1:]
     return {"x": x.reshape(-1, sequence_length), "y": y.reshape(-1, sequence_length)}
+
+
+def _snippet_texts(snippets: Sequence[bytes]) -> list[str]:
+    """The snippets as text (UTF-8), the empty ones left out."""
+    texts = []
+    for index, snippet in enumerate(snippets):
+        try:
+            texts.append(snippet.decode("utf-8"))
+        except UnicodeDecodeError as error:
+            raise InvalidClient(
+                "bad text",
+                f"has snippet {index} that is not UTF-8 ({error}); a tokenizer reads text",
+            ) from error
+    return [t for t in texts if t]
+
+
+def tokenize_snippets(
+    snippets: Sequence[bytes],
+    tokenizer,
+    sequence_length: int,
+    *,
+    eos_token: str = text.DEFAULT_EOS_TOKEN,
+) -> dict[str, np.ndarray]:
+    """One role's snippets re-tokenized: ``x``, ``y`` int32[M, sequence_length].
+
+    Args:
+      snippets: the role's snippets (UTF-8 byte strings).
+      tokenizer: a ``tokenizers.Tokenizer`` or the path of a ``tokenizer.json``.
+      sequence_length: tokens per row.
+      eos_token: the end-of-text token that ends each snippet.
+
+    Returns:
+      The packed stream ``[EOS] + snippet_0 + [EOS] + snippet_1 + [EOS] ...``
+      (:func:`fedjaxsim.data.text.pack_documents`), targets padded with the
+      vocabulary size, inputs with the end-of-text id.
+
+    Raises:
+      ValueError: a snippet that is not UTF-8, or a tokenizer without ``eos_token``.
+    """
+    _check_sequence_length(sequence_length)
+    tokenizer = text.as_tokenizer(tokenizer)
+    end = text.eos_id(tokenizer, eos_token)
+    documents = [ids + [end] for ids in text.encode_texts(tokenizer, _snippet_texts(snippets))]
+    return text.pack_documents(
+        documents, sequence_length, text.vocab_size(tokenizer), end, start_id=end
+    )
+
+
+def _preprocessor(
+    sequence_length: int, tokenizer, eos_token: str
+) -> Callable[[Sequence[bytes]], dict[str, np.ndarray]]:
+    """Snippets -> stored fields: FedJAX's character ids, or re-tokenized."""
+    _check_sequence_length(sequence_length)
+    if tokenizer is None:
+        return lambda snippets: preprocess_snippets(snippets, sequence_length)
+    tokenizer = text.as_tokenizer(tokenizer)
+    text.eos_id(tokenizer, eos_token)  # a missing end-of-text token fails before any file is read
+    return lambda snippets: tokenize_snippets(
+        snippets, tokenizer, sequence_length, eos_token=eos_token
+    )
 
 
 def _snippet_bytes(value) -> bytes:
@@ -201,13 +276,12 @@ def _collect(
     records: Callable[[], Iterable],
     *,
     source: str,
-    sequence_length: int,
+    preprocess: Callable[[Sequence[bytes]], dict[str, np.ndarray]],
     expected: SplitFacts | None,
     strict: bool,
     drop_invalid: bool,
     count_snippets: bool = True,
 ) -> FederatedData:
-    _check_sequence_length(sequence_length)
     collector = ClientCollector(source, num_classes=None, drop_invalid=drop_invalid)
     snippets_kept = 0
 
@@ -224,7 +298,7 @@ def _collect(
         if not any(snippets):
             # Only BOS/EOS pairs: nothing to predict, like a client without examples.
             raise InvalidClient("empty", f"has {len(snippets)} snippets but no characters")
-        converted = preprocess_snippets(snippets, sequence_length)
+        converted = preprocess(snippets)
         snippets_kept += len(snippets)
         return converted
 
@@ -245,6 +319,8 @@ def read_tff_shakespeare(
     expected: SplitFacts | None = None,
     strict: bool = True,
     drop_invalid: bool = False,
+    tokenizer=None,
+    eos_token: str = text.DEFAULT_EOS_TOKEN,
 ) -> FederatedData:
     """Reads one split from TensorFlow Federated's HDF5 file.
 
@@ -257,6 +333,10 @@ def read_tff_shakespeare(
       strict: a count mismatch raises (True) or warns (False).
       drop_invalid: drop invalid (e.g. empty) clients with a warning instead
         of raising (see :mod:`fedjaxsim.data.validation`).
+      tokenizer: None for FedJAX's character ids; a ``tokenizers.Tokenizer``
+        or the path of a ``tokenizer.json`` re-tokenizes every role
+        (:func:`tokenize_snippets`).
+      eos_token: the end-of-text token of ``tokenizer``.
 
     Returns:
       The split, clients sorted by role, ``x`` and ``y`` int32[N, sequence_length].
@@ -267,7 +347,7 @@ def read_tff_shakespeare(
     return _collect(
         lambda: iter_tff_hdf5(path),
         source=str(path),
-        sequence_length=sequence_length,
+        preprocess=_preprocessor(sequence_length, tokenizer, eos_token),
         expected=expected,
         strict=strict,
         drop_invalid=drop_invalid,
@@ -281,6 +361,8 @@ def read_fedjax_shakespeare(
     expected: SplitFacts | None = None,
     strict: bool = True,
     drop_invalid: bool = False,
+    tokenizer=None,
+    eos_token: str = text.DEFAULT_EOS_TOKEN,
 ) -> FederatedData:
     """Reads one split from FedJAX's SQLite file (column ``snippets``).
 
@@ -290,7 +372,7 @@ def read_fedjax_shakespeare(
     return _collect(
         lambda: iter_fedjax_sqlite(path),
         source=str(path),
-        sequence_length=sequence_length,
+        preprocess=_preprocessor(sequence_length, tokenizer, eos_token),
         expected=expected,
         strict=strict,
         drop_invalid=drop_invalid,
@@ -340,6 +422,8 @@ def read_leaf_shakespeare(
     expected: SplitFacts | None = None,
     strict: bool = True,
     drop_invalid: bool = False,
+    tokenizer=None,
+    eos_token: str = text.DEFAULT_EOS_TOKEN,
 ) -> FederatedData:
     """Reads LEAF's Shakespeare JSON shards of one split.
 
@@ -351,7 +435,8 @@ def read_leaf_shakespeare(
 
     Args:
       location: a folder of ``*.json`` shards, one shard, or a list of shards.
-      sequence_length, strict, drop_invalid: as in :func:`read_tff_shakespeare`.
+      sequence_length, strict, drop_invalid, tokenizer, eos_token: as in
+        :func:`read_tff_shakespeare`.
       expected: counts to verify; only the client count is compared (LEAF
         holds one text per user, not snippets). TFF's :data:`PUBLISHED_FACTS`
         do not apply: LEAF's README lists 1,129 roles (660 after its own
@@ -365,7 +450,7 @@ def read_leaf_shakespeare(
         source=str(location)
         if isinstance(location, (str, Path))
         else f"{len(location)} LEAF shards",
-        sequence_length=sequence_length,
+        preprocess=_preprocessor(sequence_length, tokenizer, eos_token),
         expected=expected,
         strict=strict,
         drop_invalid=drop_invalid,
@@ -416,6 +501,8 @@ def load_shakespeare(
     progress: bool = True,
     strict: bool = True,
     sequence_length: int = DEFAULT_SEQUENCE_LENGTH,
+    tokenizer=None,
+    eos_token: str = text.DEFAULT_EOS_TOKEN,
 ) -> FederatedDataset:
     """Federated Shakespeare, memory-mapped from fedjaxsim's cache.
 
@@ -437,13 +524,22 @@ def load_shakespeare(
       progress: progress bars for downloads.
       strict: a count mismatch raises (True) or warns (False).
       sequence_length: length of the ``x`` and ``y`` rows.
+      tokenizer: None for FedJAX's character ids; the path of a local Hugging
+        Face ``tokenizer.json`` (or a ``tokenizers.Tokenizer``) re-tokenizes
+        each role for language-model fine-tuning (module docstring), stored
+        as :func:`store_name` with the tokenizer's digest.
+      eos_token: the end-of-text token of ``tokenizer``.
 
     Returns:
       FederatedDataset ``"shakespeare"``: ``x``, ``y`` int32[N, L], 90 classes,
-      input shape (L,), task :data:`TASK`.
+      input shape (L,), task :data:`TASK`; re-tokenized: the tokenizer's
+      vocabulary size as classes, task
+      :func:`fedjaxsim.data.text.next_token_task`.
 
     Raises:
-      ValueError: an unknown ``source``, or files that fail the checks.
+      ValueError: an unknown ``source``, files that fail the checks, or a
+        tokenizer file that is not a tokenizer.json or lacks ``eos_token``.
+      FileNotFoundError: a missing tokenizer file.
       DatasetUnavailableError: files neither cached nor downloadable.
     """
     from fedjaxsim.data.store import read_dataset, write_dataset
@@ -451,8 +547,12 @@ def load_shakespeare(
     if source not in SOURCES:
         raise ValueError(f"source must be one of {SOURCES}, got {source!r}")
     _check_sequence_length(sequence_length)
+    if tokenizer is not None:
+        # Loaded (and its end-of-text token checked) before any file is fetched.
+        tokenizer = text.as_tokenizer(tokenizer)
+        text.eos_id(tokenizer, eos_token)
     directory = downloads.resolve_data_dir(data_dir)
-    store = directory / store_name(sequence_length, source)
+    store = directory / store_name(sequence_length, source, tokenizer)
     if (store / "dataset.json").is_file():
         return read_dataset(store)
     files = _source_files(source, directory, download, progress)
@@ -467,11 +567,17 @@ def load_shakespeare(
             sequence_length=sequence_length,
             expected=None if source == "leaf" else PUBLISHED_FACTS[split],
             strict=strict,
+            tokenizer=tokenizer,
+            eos_token=eos_token,
         )
         for split, path in files.items()
     }
+    if tokenizer is None:
+        num_classes, task = VOCAB_SIZE, TASK
+    else:
+        num_classes, task = text.vocab_size(tokenizer), text.next_token_task(tokenizer)
     dataset = FederatedDataset(
-        "shakespeare", splits["train"], splits["test"], VOCAB_SIZE, (sequence_length,), TASK
+        "shakespeare", splits["train"], splits["test"], num_classes, (sequence_length,), task
     )
     if source == "leaf":
         described = {
@@ -484,5 +590,7 @@ def load_shakespeare(
             for split, path in files.items()
         }
     metadata = {"source": source, "sequence_length": sequence_length, "files": described}
+    if tokenizer is not None:
+        metadata["tokenizer"] = text.describe_tokenizer(tokenizer, eos_token)
     write_dataset(dataset, store, metadata=metadata, overwrite=True)
     return read_dataset(store)
