@@ -38,6 +38,12 @@ def _shakespeare(**options) -> FederatedDataset:
     return load_shakespeare(**options)
 
 
+def _instructions(**options) -> FederatedDataset:
+    from fedjaxsim.data.instructions import load_instructions
+
+    return load_instructions(**options)
+
+
 def _fed_cifar100(**options) -> FederatedDataset:
     from fedjaxsim.data.fed_cifar100 import load_fed_cifar100
 
@@ -68,6 +74,7 @@ DATASETS: dict[str, Callable[..., FederatedDataset]] = {
     "fed_cifar100": _fed_cifar100,
     "stackoverflow_nwp": _stackoverflow("stackoverflow_nwp"),
     "stackoverflow_tp": _stackoverflow("stackoverflow_tp"),
+    "instructions": _instructions,
 }
 
 
@@ -81,7 +88,10 @@ def load_dataset(name: str, **options) -> FederatedDataset:
         (``"mnist"``, ``"emnist/byclass"``, ``"fashion_mnist"``, ``"cifar10"``,
         ``"cifar100"``), or the benchmark suite of Reddi et al. 2021 with
         natural clients: ``"shakespeare"``, ``"fed_cifar100"``,
-        ``"stackoverflow_nwp"``, ``"stackoverflow_tp"``.
+        ``"stackoverflow_nwp"``, ``"stackoverflow_tp"``; or ``"instructions"``,
+        a JSONL instruction file tokenized with a local ``tokenizer.json``
+        (:func:`fedjaxsim.data.instructions.load_instructions`: ``path=``,
+        ``tokenizer=`` and ``user_field=`` or ``category_field=``).
       **options: passed to the loader (e.g. ``num_clients``, ``partition``,
         ``data_dir``).
 

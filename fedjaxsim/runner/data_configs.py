@@ -14,7 +14,7 @@ from typing import Annotated, ClassVar, Literal
 
 import tyro
 
-from fedjaxsim.core.validation import check_int, check_real
+from fedjaxsim.core.validation import InvalidArgument, check_int, check_real
 from fedjaxsim.data.federated import FederatedDataset
 
 NumClients = Annotated[
@@ -49,6 +49,36 @@ Switch = tyro.conf.FlagConversionOff[
         ),
     ]
 ]
+
+
+DEFAULT_EOS_TOKEN = "<|endoftext|>"  # fedjaxsim.data.text's; not imported, to keep this light
+
+
+def _check_file(name: str, path: str | None, what: str) -> None:
+    """A local file the dataset reads must exist before any work starts."""
+    from pathlib import Path
+
+    if path is None:
+        return
+    if not isinstance(path, str) or not path:
+        raise InvalidArgument(name, f"{name} must be a non-empty path, got {path!r}")
+    if not Path(path).expanduser().exists():
+        raise InvalidArgument(name, f"{name}={path!r} does not exist: {what}")
+
+
+def _check_tokenizer(name: str, path: str | None) -> None:
+    _check_file(
+        name,
+        path,
+        "a local Hugging Face tokenizer.json (or a folder holding one) is expected; nothing "
+        "is downloaded",
+    )
+    if path is not None:
+        from pathlib import Path
+
+        folder = Path(path).expanduser()
+        if folder.is_dir() and not (folder / "tokenizer.json").is_file():
+            raise InvalidArgument(name, f"{name}={path!r} is a folder without a tokenizer.json")
 
 
 def data_config(cls):
@@ -186,9 +216,15 @@ class ShakespeareData:
     """Whether missing files may be downloaded."""
     strict: bool = True
     """Refuse files whose client and example counts differ from the published ones."""
+    tokenizer: str | None = None
+    """None: FedJAX's 90 character ids. A path: each role re-tokenized with that local
+    Hugging Face tokenizer.json (for fine-tuning a pretrained language model)."""
+    eos_token: str = DEFAULT_EOS_TOKEN
+    """End-of-text token of the tokenizer, ending each snippet."""
 
     def check(self) -> None:
         check_int("sequence_length", self.sequence_length, minimum=1)
+        _check_tokenizer("tokenizer", self.tokenizer)
 
     def population(self) -> int:
         from fedjaxsim.data.shakespeare import PUBLISHED_FACTS
@@ -206,6 +242,8 @@ class ShakespeareData:
             progress=progress,
             strict=self.strict,
             sequence_length=self.sequence_length,
+            tokenizer=self.tokenizer,
+            eos_token=self.eos_token,
         )
 
 
@@ -291,6 +329,121 @@ class StackOverflowData:
         )
 
 
+@data_config
+class InstructionData:
+    """Instruction tuning from a JSONL file (one JSON object per line, Alpaca's fields by
+    default), tokenized with a local tokenizer.json; clients by a user field, or by
+    Dirichlet label skew over a category field."""
+
+    name: tyro.conf.Suppress[Literal["instructions"]] = "instructions"
+    pixel_levels: ClassVar = 255  # not images; recorded in checkpoints for predict
+    # Per-client evaluation re-splits a one-client test split IID.
+    partition: ClassVar = "iid"
+    shards_per_client: ClassVar = 2
+    path: str
+    """The train JSONL file."""
+    tokenizer: str
+    """A local Hugging Face tokenizer.json, or a folder holding one."""
+    test_path: str | None = None
+    """A held-out JSONL file, split like the train file (default: test_fraction)."""
+    test_fraction: float | None = None
+    """Without test_path: the seeded share of each client's records held out (default 0.1)."""
+    sequence_length: int = 512
+    """Tokens per example; longer examples are truncated (and counted)."""
+    user_field: str | None = None
+    """Split by this field: each distinct value is a client."""
+    category_field: str | None = None
+    """Split by Dirichlet(alpha) label skew over this field into num_clients clients."""
+    num_clients: Annotated[
+        int | None,
+        tyro.conf.arg(aliases=("--num-clients",), help="Clients of the category_field split."),
+    ] = None
+    alpha: DirichletAlpha = 0.5
+    instruction_field: str = "instruction"
+    """JSON key of the instruction."""
+    input_field: str = "input"
+    """JSON key of the optional input (missing, null or empty: the no-input template)."""
+    response_field: str = "output"
+    """JSON key of the response."""
+    train_on_prompt: bool = False
+    """Also train on the prompt's tokens (default: the loss is on the response only)."""
+    eos_token: str = DEFAULT_EOS_TOKEN
+    """End-of-text token of the tokenizer, ending each response."""
+
+    def check(self) -> None:
+        check_int("sequence_length", self.sequence_length, minimum=1)
+        if (self.user_field is None) == (self.category_field is None):
+            raise InvalidArgument(
+                "user_field",
+                "give exactly one of user_field (each distinct value a client) and "
+                "category_field (a Dirichlet split over it into num_clients clients)",
+            )
+        if self.category_field is not None:
+            if self.num_clients is None:
+                raise InvalidArgument(
+                    "num_clients", f"category_field={self.category_field!r} needs num_clients"
+                )
+            check_int("num_clients", self.num_clients, minimum=1)
+            check_real("alpha", self.alpha, minimum=0.0, strict_minimum=True)
+        elif self.num_clients is not None:
+            raise InvalidArgument(
+                "num_clients",
+                f"num_clients applies to the category_field split; with "
+                f"user_field={self.user_field!r} every user is a client. Leave it unset",
+            )
+        if self.test_fraction is not None:
+            if self.test_path is not None:
+                raise InvalidArgument("test_fraction", "give test_path or test_fraction, not both")
+            check_real(
+                "test_fraction",
+                self.test_fraction,
+                minimum=0.0,
+                maximum=1.0,
+                strict_minimum=True,
+                strict_maximum=True,
+            )
+        _check_file("path", self.path, "the train JSONL file is expected")
+        _check_file("test_path", self.test_path, "the test JSONL file is expected")
+        _check_tokenizer("tokenizer", self.tokenizer)
+        if self.user_field is not None:
+            from fedjaxsim.data.instructions import count_users
+
+            try:
+                count_users(self.path, self.user_field)
+            except (OSError, ValueError) as error:
+                raise InvalidArgument("path", str(error)) from None
+
+    def population(self) -> int:
+        if self.category_field is not None:
+            return self.num_clients
+        from fedjaxsim.data.instructions import count_users
+
+        # An upper bound: a user whose every record is cut to nothing is dropped at load.
+        return count_users(self.path, self.user_field)
+
+    def load(self, seed: int, progress: bool) -> FederatedDataset:
+        del progress
+        from fedjaxsim.data.instructions import load_instructions
+
+        return load_instructions(
+            self.path,
+            tokenizer=self.tokenizer,
+            sequence_length=self.sequence_length,
+            user_field=self.user_field,
+            category_field=self.category_field,
+            num_clients=self.num_clients,
+            alpha=self.alpha,
+            test_path=self.test_path,
+            test_fraction=self.test_fraction,
+            instruction_field=self.instruction_field,
+            input_field=self.input_field,
+            response_field=self.response_field,
+            train_on_prompt=self.train_on_prompt,
+            eos_token=self.eos_token,
+            seed=seed,
+        )
+
+
 DATA_CONFIGS = (
     DigitsData,
     FederatedEmnistData,
@@ -298,4 +451,5 @@ DATA_CONFIGS = (
     ShakespeareData,
     FedCifar100Data,
     StackOverflowData,
+    InstructionData,
 )
