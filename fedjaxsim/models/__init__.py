@@ -6,6 +6,15 @@ import jax
 
 from fedjaxsim.core.losses import classification_loss, squared_error_loss
 from fedjaxsim.models.conv import LOWERINGS, Conv, conv2d_valid, max_pool_2x2
+from fedjaxsim.models.gpt2 import (
+    GPT2,
+    GPT2Config,
+    PretrainedLM,
+    generate,
+    init_gpt2,
+    load_gpt2,
+)
+from fedjaxsim.models.lora import LoraConfig, merge_params, split_params
 from fedjaxsim.models.model import (
     Model,
     count_params,
@@ -112,8 +121,12 @@ __all__ = [
     "Conv",
     "DenseNet",
     "EmnistCnn",
+    "GPT2",
+    "GPT2Config",
     "LogisticRegression",
+    "LoraConfig",
     "Model",
+    "PretrainedLM",
     "ResNet18",
     "WordLstm",
     "classification_loss",
@@ -123,7 +136,12 @@ __all__ = [
     "from_functions",
     "from_linen",
     "from_nnx",
+    "generate",
     "get_model",
+    "init_gpt2",
+    "load_gpt2",
     "max_pool_2x2",
+    "merge_params",
+    "split_params",
     "squared_error_loss",
 ]
