@@ -179,3 +179,34 @@ def tar_bz2(path, files):
             tar.add(source, arcname=name)
     path.write_bytes(buffer.getvalue())
     return hashlib.sha256(buffer.getvalue()).hexdigest()
+
+
+# ----------------------------------------------------------------------------- tokenizers
+
+EOS_TOKEN = "<|endoftext|>"
+
+
+def write_tiny_tokenizer(path, *, special_tokens=(EOS_TOKEN,), vocab_size=320):
+    """A byte-level BPE ``tokenizer.json`` trained on :data:`LINES` (GPT-2's scheme).
+
+    Byte-level BPE tokenizes any text and decodes it back exactly, so tests
+    can check that decoding the real targets of a client gives its text.
+    """
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=list(special_tokens),
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    corpus = [line.decode("utf-8") for line in LINES] + [
+        "Below is an instruction that describes a task. Write a response.",
+        "### Instruction:\n### Input:\n### Response:\n",
+    ]
+    tokenizer.train_from_iterator(corpus * 3, trainer=trainer)
+    tokenizer.save(str(path))
+    return path
