@@ -17,6 +17,7 @@ from fedjaxsim.data.shakespeare import (
 )
 from fedjaxsim.data.validation import DroppedClientsWarning
 from tests.data.benchmark_files import (
+    EOS_TOKEN,
     LINES,
     fedjax_blob,
     long_text_roles,
@@ -26,6 +27,7 @@ from tests.data.benchmark_files import (
     write_fedjax_sqlite,
     write_leaf_shakespeare,
     write_tff_shakespeare_h5,
+    write_tiny_tokenizer,
 )
 
 VOCABULARY = (
@@ -374,3 +376,58 @@ def test_offline_load_names_the_missing_file_or_folder(tmp_path, monkeypatch):
         load_shakespeare(source="gutenberg")
     with pytest.raises(ValueError, match="sequence_length"):
         load_shakespeare(sequence_length=0)
+
+
+# ----------------------------------------------------------------------------- re-tokenized
+
+
+@pytest.fixture(scope="module")
+def tokenizer_path(tmp_path_factory):
+    return write_tiny_tokenizer(tmp_path_factory.mktemp("tokenizer") / "tokenizer.json")
+
+
+def test_load_re_tokenized_caches_under_the_tokenizer_digest(tmp_path, monkeypatch, tokenizer_path):
+    from fedjaxsim.data import text
+
+    train, test = make_roles(sizes=(3, 2), seed=3), make_roles(sizes=(1, 1), seed=4)
+    _publish(tmp_path, monkeypatch, train, test)
+    cache = tmp_path / "cache"
+    tokenizer = text.load_tokenizer(tokenizer_path)
+    dataset = load_shakespeare(
+        data_dir=cache, progress=False, sequence_length=24, tokenizer=str(tokenizer_path)
+    )
+    vocab = text.vocab_size(tokenizer)
+    assert (dataset.name, dataset.num_classes, dataset.input_shape) == ("shakespeare", vocab, (24,))
+    assert dataset.task == text.next_token_task(tokenizer) and dataset.task.pad_id == vocab
+    store = cache / f"shakespeare_tok{text.tokenizer_digest(tokenizer)[:16]}_seq24"
+    assert store.name == shakespeare.store_name(24, "tff", tokenizer)
+    assert (store / "dataset.json").is_file() and not (cache / "shakespeare").exists()
+    assert isinstance(dataset.train.fields["x"], np.memmap)
+    manifest = json.loads((store / "train" / "manifest.json").read_text())
+    assert manifest["metadata"]["tokenizer"]["sha256"] == text.tokenizer_digest(tokenizer)
+    assert list(dataset.test.client_names) == sorted(test)
+    for index, name in enumerate(dataset.train.client_names):
+        targets = text.real_targets(dataset.train.client(index)["y"], vocab).tolist()
+        expected = "".join(s.decode() + EOS_TOKEN for s in train[name] if s)
+        assert tokenizer.decode(targets, skip_special_tokens=False) == expected
+    # The store is read back without the published files.
+    for path in list(cache.glob("shakespeare*.*")):
+        path.unlink()
+    again = load_shakespeare(
+        data_dir=cache, download=False, sequence_length=24, tokenizer=tokenizer_path
+    )
+    np.testing.assert_array_equal(again.train.fields["y"], dataset.train.fields["y"])
+    assert again.task == dataset.task and again.num_classes == vocab
+    # Another tokenizer is another store, never this one.
+    other = write_tiny_tokenizer(tmp_path / "other.json", vocab_size=300)
+    with pytest.raises(DatasetUnavailableError, match="shakespeare.tar.bz2"):
+        load_shakespeare(data_dir=cache, download=False, sequence_length=24, tokenizer=other)
+
+
+def test_load_re_tokenized_checks_the_tokenizer_before_any_file(tmp_path, tokenizer_path):
+    with pytest.raises(FileNotFoundError, match="absent.json does not exist.*tokenizer.json"):
+        load_shakespeare(data_dir=tmp_path, download=False, tokenizer=tmp_path / "absent.json")
+    with pytest.raises(ValueError, match="no end-of-text token '<eos>'"):
+        load_shakespeare(
+            data_dir=tmp_path, download=False, tokenizer=tokenizer_path, eos_token="<eos>"
+        )
