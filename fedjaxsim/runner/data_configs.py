@@ -365,7 +365,7 @@ class InstructionData:
     """JSON key of the optional input (missing, null or empty: the no-input template)."""
     response_field: str = "output"
     """JSON key of the response."""
-    train_on_prompt: bool = False
+    train_on_prompt: Switch = False
     """Also train on the prompt's tokens (default: the loss is on the response only)."""
     eos_token: str = DEFAULT_EOS_TOKEN
     """End-of-text token of the tokenizer, ending each response."""
