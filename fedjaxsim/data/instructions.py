@@ -32,6 +32,15 @@ Held-out evaluation is either a separate ``test_path`` JSONL (split the same
 way) or a seeded ``test_fraction`` of each client's records. Everything is a
 pure function of the files, the options and ``seed``.
 
+The prompt and the response are tokenized separately and joined, so the
+mask falls exactly on the boundary (tokenizing the joined text and counting
+the prompt's tokens, as Alpaca's ``train.py`` does, is off by one where a
+merge spans the boundary). A tokenizer that marks the start of every text it
+encodes (SentencePiece's ``Metaspace`` with a prefix space, RoBERTa's
+``add_prefix_space``) therefore also marks the response's start; Alpaca's
+templates end in a newline, after which GPT-2-style byte-level tokenizers
+need no such mark.
+
 The default templates are Stanford Alpaca's (``PROMPT_DICT`` in its
 ``train.py``): :data:`ALPACA_PROMPT` with an input and
 :data:`ALPACA_PROMPT_NO_INPUT` without one. A template is a ``str.format``
