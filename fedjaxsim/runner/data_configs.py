@@ -365,6 +365,11 @@ class InstructionData:
     """JSON key of the optional input (missing, null or empty: the no-input template)."""
     response_field: str = "output"
     """JSON key of the response."""
+    prompt_template: str | None = None
+    """str.format template of a record with an input, with {instruction} and {input}
+    (None: Stanford Alpaca's)."""
+    prompt_template_no_input: str | None = None
+    """Template of a record without an input, with {instruction} (None: Alpaca's)."""
     train_on_prompt: Switch = False
     """Also train on the prompt's tokens (default: the loss is on the response only)."""
     eos_token: str = DEFAULT_EOS_TOKEN
@@ -402,6 +407,14 @@ class InstructionData:
                 strict_minimum=True,
                 strict_maximum=True,
             )
+        from fedjaxsim.data.instructions import check_template
+
+        for key in ("prompt_template", "prompt_template_no_input"):
+            if getattr(self, key) is not None:
+                try:
+                    check_template(getattr(self, key), key)
+                except ValueError as error:
+                    raise InvalidArgument(key, str(error)) from None
         _check_file("path", self.path, "the train JSONL file is expected")
         _check_file("test_path", self.test_path, "the test JSONL file is expected")
         _check_tokenizer("tokenizer", self.tokenizer)
@@ -441,6 +454,11 @@ class InstructionData:
             train_on_prompt=self.train_on_prompt,
             eos_token=self.eos_token,
             seed=seed,
+            **{
+                key: getattr(self, key)
+                for key in ("prompt_template", "prompt_template_no_input")
+                if getattr(self, key) is not None
+            },
         )
 
 

@@ -463,13 +463,19 @@ def test_the_runner_config_accepts_the_instruction_keys(tmp_path, tokenizer_path
         "  alpha: 0.2\n"
         "  test_fraction: 0.3\n"
         "  response_field: output\n"
+        '  prompt_template: "Q: {instruction} {input}\\nA: "\n'  # YAML reads \n in "..."
+        '  prompt_template_no_input: "Q: {instruction}\\nA: "\n'
         "training: {cohort_size: 3}\n"
     )
     config = load_config(config_path)
     assert (config.data.category_field, config.data.num_clients) == ("category", 3)
     assert config.data.population() == 3
+    assert config.data.prompt_template == "Q: {instruction} {input}\nA: "
     dataset = config.data.load(seed=1, progress=False)
     assert dataset.train.num_clients == 3 and dataset.test.total_examples > 0
+    tokenizer = text.load_tokenizer(tokenizer_path)
+    x = dataset.train.client(0)["x"][0].tolist()
+    assert tokenizer.decode(x, skip_special_tokens=False).startswith("Q: Say the number")
 
 
 @pytest.mark.parametrize(
@@ -483,6 +489,11 @@ def test_the_runner_config_accepts_the_instruction_keys(tmp_path, tokenizer_path
         ({"user_field": "user", "path": "absent.jsonl"}, "data.path", "does not exist"),
         ({"user_field": "speaker"}, "data.path", "no split field 'speaker'"),
         ({"user_field": "user", "sequence_length": 0}, "data.sequence_length", ">= 1"),
+        (
+            {"user_field": "user", "prompt_template": "{instruction} {context}"},
+            "data.prompt_template",
+            "placeholders ['context']",
+        ),
     ],
 )
 def test_bad_instruction_configs_name_the_key(tmp_path, tokenizer_path, data, key, fragment):
