@@ -110,8 +110,13 @@ def tokenizer_digest(tokenizer: Tokenizer) -> str:
 
 
 def vocab_size(tokenizer: Tokenizer) -> int:
-    """Ids in use, added tokens included: the model's output classes and the ``pad_id``."""
-    return int(tokenizer.get_vocab_size(with_added_tokens=True))
+    """Ids in use, added tokens included: the model's output classes and the ``pad_id``.
+
+    ``get_vocab_size(with_added_tokens=True)``, or one past the largest id if
+    the ids have holes, so that ``pad_id`` is never a real token's id.
+    """
+    ids = tokenizer.get_vocab(with_added_tokens=True).values()
+    return max(int(tokenizer.get_vocab_size(with_added_tokens=True)), max(ids, default=-1) + 1)
 
 
 def next_token_task(tokenizer: Tokenizer) -> Task:
