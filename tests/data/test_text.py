@@ -236,3 +236,12 @@ def test_bad_snippets_and_tokenizers_name_the_file(tmp_path, tokenizer, tokenize
         read_tff_shakespeare(tmp_path / "latin.h5", tokenizer=tmp_path / "nowhere.json")
     with pytest.raises(ValueError, match="no end-of-text token '</s>'"):
         read_tff_shakespeare(tmp_path / "latin.h5", tokenizer=tokenizer_path, eos_token="</s>")
+
+
+def test_pad_id_is_past_every_id_even_with_holes():
+    from tokenizers import Tokenizer, models
+
+    holes = Tokenizer(models.WordLevel({"a": 0, EOS_TOKEN: 2, "b": 5}, unk_token="a"))
+    assert holes.get_vocab_size(with_added_tokens=True) == 3
+    assert text.vocab_size(holes) == 6  # ids run to 5: classes 0..5, padding past them all
+    assert text.next_token_task(holes).pad_id == 6
