@@ -60,3 +60,39 @@ def squared_error_loss(model, input_key: str = "x", label_key: str = "y") -> Per
         return 0.5 * jnp.sum(residual.reshape(residual.shape[0], -1) ** 2, axis=-1)
 
     return per_example_loss
+
+
+# The batch key under which the engine hands client steps the round's frozen
+# inputs (``round_fn(..., frozen=...)``).
+FROZEN_KEY = "frozen"
+
+
+def with_frozen_params(per_example_loss_fn: PerExampleLossFn, merge) -> PerExampleLossFn:
+    """A loss over the trainable part of the params, the rest frozen.
+
+    The algorithm trains, stacks per client and aggregates only the trainable
+    part (e.g. LoRA adapters); the frozen part (the base weights) comes from
+    ``batch[FROZEN_KEY]``, where the engine puts what the round got as
+    ``frozen``. It is one unbatched array for every client, and gradients
+    never flow into it.
+
+    Args:
+      per_example_loss_fn: ``(full_params, batch, rng) -> float32[batch]``.
+      merge: ``(frozen, trainable) -> full_params``, e.g.
+        ``fedjaxsim.models.lora.merge_params``.
+
+    Returns:
+      ``(trainable, batch, rng) -> float32[batch]``.
+    """
+
+    def per_example_loss(trainable, batch, rng):
+        if FROZEN_KEY not in batch:
+            raise ValueError(
+                f"this loss reads the frozen params from batch[{FROZEN_KEY!r}]: pass them to "
+                "the round as round_fn(..., frozen=base)"
+            )
+        data = {key: value for key, value in batch.items() if key != FROZEN_KEY}
+        frozen = jax.lax.stop_gradient(batch[FROZEN_KEY])
+        return per_example_loss_fn(merge(frozen, trainable), data, rng)
+
+    return per_example_loss

@@ -19,6 +19,7 @@ from fedjaxsim.core.validation import InvalidArgument
 from fedjaxsim.data.federated import FederatedData, FederatedDataset
 from fedjaxsim.robust.attacks import attack_client_states, choose_malicious_clients, with_attack
 from fedjaxsim.runner.config import ConfigError, ExperimentConfig
+from fedjaxsim.runner.model_configs import BuiltModel
 
 # Domain tag of the per-client evaluation sample (see core/sampling.py).
 _EVAL_SAMPLE_STREAM = 0xE7A1_C11E
@@ -90,18 +91,61 @@ def check_model_fits(model: str, task: Task, dataset_name: str) -> None:
         )
 
 
-def build_model(config: ExperimentConfig, dataset: FederatedDataset):
-    """The config's built-in model for ``dataset`` (checked to fit its task)."""
+def builtin_model(config: ExperimentConfig, num_classes: int, task: Task, where: str):
+    """The config's built-in model for ``num_classes`` outputs (checked to fit ``task``)."""
     from fedjaxsim.models import get_model
 
-    task = dataset.task
-    check_model_fits(config.model, task, dataset.name)
+    check_model_fits(config.model.name, task, where)
     options = {}
     if task.input_vocab_size is not None:
         options["vocab_size"] = task.input_vocab_size
     return get_model(
-        config.model, dataset.num_classes, lowering=config.execution.conv_lowering, **options
+        config.model.name, num_classes, lowering=config.execution.conv_lowering, **options
     )
+
+
+def _pretrained_model(config: ExperimentConfig, dataset: FederatedDataset, rng) -> BuiltModel:
+    """The config's pretrained checkpoint, checked against the dataset's tokens."""
+    name = config.model.name
+    if dataset.task.kind != "next_token":
+        raise ConfigError(
+            "model",
+            f"model={name!r} predicts the next token, but {dataset.name} is a "
+            f"{dataset.task.kind} task; fine-tune it on tokenized text (e.g. --dataset "
+            "shakespeare, or instructions)",
+        )
+    try:
+        built, lm_config = config.model.load(rng)
+    except InvalidArgument as error:
+        raise ConfigError(f"model.{error.name}", str(error)) from error
+    if dataset.num_classes > lm_config.vocab_size + 1:
+        raise ConfigError(
+            "data.tokenizer",
+            f"{dataset.name} has {dataset.num_classes} token ids, more than the "
+            f"{lm_config.vocab_size} of the checkpoint {config.model.checkpoint}; tokenize the "
+            "data with the checkpoint's own tokenizer.json",
+        )
+    length = dataset.input_shape[0]
+    if length > lm_config.n_positions:
+        raise ConfigError(
+            "data.sequence_length",
+            f"sequences of {length} tokens are longer than the {lm_config.n_positions} "
+            f"positions of {config.model.checkpoint}; lower data.sequence_length",
+        )
+    return built
+
+
+def build_model(config: ExperimentConfig, dataset: FederatedDataset, rng) -> BuiltModel:
+    """The config's model for ``dataset``: built-in (initialised from ``rng``) or pretrained.
+
+    Raises:
+      ConfigError: when the model does not fit the dataset's task, or a
+        checkpoint cannot be read (naming the ``model.*`` key at fault).
+    """
+    if config.model.pretrained:
+        return _pretrained_model(config, dataset, rng)
+    model = builtin_model(config, dataset.num_classes, dataset.task, dataset.name)
+    return BuiltModel(model, model.init(rng, sample_inputs(dataset)), (), None)
 
 
 def num_lanes(config: ExperimentConfig) -> int | None:

@@ -49,6 +49,7 @@ from fedjaxsim.runner.aggregation_configs import (
 )
 from fedjaxsim.runner.algorithm_configs import ALGORITHM_CONFIGS, FedAvgConfig
 from fedjaxsim.runner.data_configs import DATA_CONFIGS, DigitsData
+from fedjaxsim.runner.model_configs import MODEL_CONFIGS, BuiltinModel
 from fedjaxsim.runner.privacy_configs import (
     COMPRESSION_CONFIGS,
     NoCompression,
@@ -57,10 +58,6 @@ from fedjaxsim.runner.privacy_configs import (
     default_delta,
 )
 from fedjaxsim.runner.system_configs import AsynchronyConfig, SystemConfig
-
-ModelName = Literal[
-    "cnn", "dense", "logreg", "resnet18", "char_lstm", "word_lstm", "transformer", "tag_logreg"
-]
 
 
 def _alias(*names: str):
@@ -76,7 +73,7 @@ def _subcommand(cls) -> str:
     names = section_names(cls)
     if len(names) == 1:
         return names[0]
-    return cls.__name__.removesuffix("Data").lower()  # a family of several datasets
+    return cls.__name__.removesuffix("Data").lower()  # a family of several datasets or models
 
 
 def _union(classes):
@@ -85,6 +82,7 @@ def _union(classes):
 
 AlgorithmConfig = _union(ALGORITHM_CONFIGS)
 DataConfig = _union(DATA_CONFIGS)
+ModelConfig = _union(MODEL_CONFIGS)
 AggregatorConfig = _union(AGGREGATOR_CONFIGS)
 AttackConfig = _union(ATTACK_CONFIGS)
 CompressionConfig = _union(COMPRESSION_CONFIGS)
@@ -96,12 +94,14 @@ def _registry(classes) -> dict[str, type]:
 
 ALGORITHMS = _registry(ALGORITHM_CONFIGS)
 DATASETS = _registry(DATA_CONFIGS)
+MODELS = _registry(MODEL_CONFIGS)
 AGGREGATORS = _registry(AGGREGATOR_CONFIGS)
 ATTACKS = _registry(ATTACK_CONFIGS)
 COMPRESSIONS = _registry(COMPRESSION_CONFIGS)
 # The sections that are unions chosen by name: (registry, default member).
 UNION_SECTIONS = {
     "data": (DATASETS, DigitsData),
+    "model": (MODELS, BuiltinModel),
     "algorithm": (ALGORITHMS, FedAvgConfig),
     "aggregator": (AGGREGATORS, MeanAggregator),
     "attack": (ATTACKS, NoAttack),
@@ -207,8 +207,7 @@ class ExperimentConfig:
     """Everything one run needs. Defaults: FedAvg on the embedded digits (> 90% in < 1 min)."""
 
     data: DataConfig = DigitsData()
-    model: ModelName = "cnn"
-    """Model (fedjaxsim.models.get_model)."""
+    model: ModelConfig = BuiltinModel()
     algorithm: AlgorithmConfig = FedAvgConfig()
     aggregator: AggregatorConfig = MeanAggregator()
     attack: AttackConfig = NoAttack()
@@ -255,7 +254,7 @@ def _as_float(value):
     return value
 
 
-_DACITE = dacite.Config(strict=True, type_hooks={float: _as_float})
+_DACITE = dacite.Config(strict=True, type_hooks={float: _as_float}, cast=[tuple])
 
 
 def _describe(tp) -> str:
@@ -314,7 +313,12 @@ def _owners(section: str, key: str) -> str:
 
 
 def _section(key: str, values, registry: dict[str, type], default: type):
-    """The union member named by ``values["name"]`` (``default`` when there is none)."""
+    """The union member named by ``values["name"]`` (``default`` when there is none).
+
+    A bare model name (``model: cnn``) stands for ``{name: cnn}``.
+    """
+    if key == "model" and isinstance(values, str):
+        values = {"name": values}
     if not isinstance(values, Mapping):
         raise ConfigError(key, f"expected a mapping with a 'name', got {values!r}")
     name = values.get("name", section_names(default)[0])
@@ -469,6 +473,7 @@ def validate(config: ExperimentConfig) -> ExperimentConfig:
     config_from_dict(config_to_dict(config))  # types, for configs built in Python too
     _validate_sections(config)
     _checked("data", config.data.check)
+    _checked("model", config.model.check)
     population = config.data.population()
     if config.training.cohort_size > population:
         raise ConfigError(
@@ -740,8 +745,12 @@ def resolve(config: ExperimentConfig, backend: str | None = None) -> ExperimentC
     asynchrony = config.asynchrony
     if asynchrony.buffered:
         asynchrony = asynchrony.resolved(config.training.cohort_size)
+    data = config.data
+    if config.model.pretrained and getattr(data, "tokenizer", "") is None:
+        # A pretrained model reads text through its own tokenizer.json.
+        data = dataclasses.replace(data, tokenizer=config.model.checkpoint)
     resolved = dataclasses.replace(
-        config, execution=execution, evaluation=evaluation, asynchrony=asynchrony
+        config, data=data, execution=execution, evaluation=evaluation, asynchrony=asynchrony
     )
     return validate(dataclasses.replace(resolved, privacy=_resolve_privacy(resolved)))
 
@@ -769,6 +778,8 @@ _SELECTION_FLAGS = {
     "--algorithm.name": "algorithm",
     "--dataset": "data",
     "--data.name": "data",
+    "--model": "model",
+    "--model.name": "model",
     "--aggregator.name": "aggregator",
     "--attack.name": "attack",
     "--compression.name": "compression",

@@ -33,6 +33,7 @@ from fedjaxsim.core.engine import (
     init_buffered,
 )
 from fedjaxsim.core.evaluation import batch_for_eval, build_task_eval
+from fedjaxsim.core.losses import with_frozen_params
 from fedjaxsim.core.packing import client_count_bucket, pack_cohort
 from fedjaxsim.core.sharding import client_mesh, replicated, shard_cohort
 from fedjaxsim.core.tasks import Task, headline_metric, task_loss
@@ -48,7 +49,6 @@ from fedjaxsim.runner.components import (
     packing_config,
     sample_cohort,
     sample_evaluation_clients,
-    sample_inputs,
 )
 from fedjaxsim.runner.config import (
     ConfigError,
@@ -268,10 +268,12 @@ def _run_session(config: ExperimentConfig, resume: str, stack: contextlib.ExitSt
 
     dataset = load_dataset(config)
     population = dataset.train.num_clients
-    model = build_model(config, dataset)
     root_rng = jax.random.key(config.seed)
-    params = model.init(root_rng, sample_inputs(dataset))
+    built = build_model(config, dataset, root_rng)
+    model, params, frozen = built.model, built.params, built.frozen
     loss = task_loss(dataset.task, model)
+    if built.merge is not None:  # the algorithm trains, stacks and sends only `params`
+        loss = with_frozen_params(loss, built.merge)
     algorithm, client_states = build_algorithm(config, loss, dataset, params)
     store = client_states.store
     plan = execution_plan(config)
@@ -313,6 +315,7 @@ def _run_session(config: ExperimentConfig, resume: str, stack: contextlib.ExitSt
 
     if mesh is not None:  # the initial or restored state, replicated on the mesh
         state = jax.device_put(state, replicated(mesh))
+    frozen = jax.device_put(frozen, None if mesh is None else replicated(mesh))
     if buffered:
         round_fn = build_buffered_round(
             algorithm, plan, mesh=mesh, staleness_weight=config.asynchrony.staleness_weight()
@@ -424,10 +427,10 @@ def _run_session(config: ExperimentConfig, resume: str, stack: contextlib.ExitSt
             gathered = jax.device_put(
                 client_states.gather(ids), None if mesh is None else replicated(mesh)
             )
-            state, out = round_fn(state, cohort, round_rng, gathered, schedule)
+            state, out = round_fn(state, cohort, round_rng, gathered, schedule, frozen)
             client_states.scatter(ids, jax.device_get(out.client_states))
         else:
-            state, out = round_fn(state, cohort, round_rng, (), schedule)
+            state, out = round_fn(state, cohort, round_rng, (), schedule, frozen)
         client_metrics = jax.device_get(out.client_metrics)
         server_metrics = jax.device_get(out.server_metrics)
         compute_seconds = time.perf_counter() - tic
@@ -469,12 +472,16 @@ def _run_session(config: ExperimentConfig, resume: str, stack: contextlib.ExitSt
         if central_due or per_client_due:
             tic = time.perf_counter()
             if central_due:
-                sums = jax.device_get(evaluate(server_params(state), test_batches))
+                sums = jax.device_get(
+                    evaluate(built.full_params(server_params(state)), test_batches)
+                )
                 record.update(
                     {f"test_{k}": v for k, v in metric_ratios(dataset.task, sums).items()}
                 )
             if per_client_due:
-                sums = jax.device_get(evaluate_clients(server_params(state), client_batches))
+                sums = jax.device_get(
+                    evaluate_clients(built.full_params(server_params(state)), client_batches)
+                )
                 record.update(per_client_record(sums, dataset.task))
             record["eval_seconds"] = time.perf_counter() - tic
         now = time.perf_counter()

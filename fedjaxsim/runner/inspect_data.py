@@ -16,8 +16,9 @@ For next-token data a "label" is a target token (padding left out), so the
 label skew is the skew of the clients' token distributions; for tag data it
 is their tags. Quantity is always counted in examples. A population of more
 than :data:`MAX_CLIENTS` clients (Stack Overflow has 342,477, each with a
-10,004-word histogram) is summarised over a seeded sample of that many,
-reported as ``clients_summarized``.
+10,004-word histogram), or more than fit :data:`COUNT_BYTES` of histograms
+(a GPT-2 vocabulary has 50,257 tokens), is summarised over a seeded sample
+of that many, reported as ``clients_summarized``.
 """
 
 from __future__ import annotations
@@ -28,15 +29,18 @@ import numpy as np
 
 HEATMAP_CLIENTS = 30  # rows of the label heatmap
 MAX_CLIENTS = 5_000  # clients whose label histograms are summarised
+COUNT_BYTES = 256 * 2**20  # memory for the clients' int64 label histograms
 SAMPLE_CLIENTS, SAMPLES_PER_CLIENT = 3, 6
 
 
-def summarized_clients(data, seed: int = 0) -> np.ndarray:
-    """The clients the summary covers: all, or a seeded sample of :data:`MAX_CLIENTS`."""
-    if data.num_clients <= MAX_CLIENTS:
+def summarized_clients(data, seed: int = 0, num_classes: int = 0) -> np.ndarray:
+    """The clients the summary covers: all, or a seeded sample of at most
+    :data:`MAX_CLIENTS` whose ``num_classes``-wide histograms fit :data:`COUNT_BYTES`."""
+    limit = min(MAX_CLIENTS, max(1, COUNT_BYTES // (8 * max(num_classes, 1))))
+    if data.num_clients <= limit:
         return np.arange(data.num_clients)
     rng = np.random.default_rng([seed, 0x1A5])
-    return np.sort(rng.choice(data.num_clients, MAX_CLIENTS, replace=False))
+    return np.sort(rng.choice(data.num_clients, limit, replace=False))
 
 
 def label_counts(data, num_classes: int, task=None, clients=None) -> np.ndarray:
@@ -138,7 +142,7 @@ def inspect_dataset(dataset, output: str | Path, seed: int = 0) -> dict:
     """Writes the picture to ``output`` (atomically) and returns the summary."""
     from fedjaxsim.runner.plot import save_figure
 
-    clients = summarized_clients(dataset.train, seed)
+    clients = summarized_clients(dataset.train, seed, dataset.num_classes)
     counts = label_counts(dataset.train, dataset.num_classes, dataset.task, clients)
     summary = summarize(dataset, counts, clients)
     output = Path(output)

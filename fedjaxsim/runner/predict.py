@@ -19,6 +19,7 @@ import jax
 import numpy as np
 
 from fedjaxsim.core.tasks import CLASSIFICATION, Task
+from fedjaxsim.core.validation import InvalidArgument
 from fedjaxsim.runner.config import ExperimentConfig, config_from_dict
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
@@ -89,9 +90,8 @@ def load_run(folder: str | Path) -> TrainedRun:
     Raises:
       RunError: no such folder, or no committed checkpoint in it.
     """
-    from fedjaxsim.models import get_model
     from fedjaxsim.runner.checkpoints import RunCheckpointer
-    from fedjaxsim.runner.components import check_model_fits
+    from fedjaxsim.runner.components import builtin_model
 
     folder = Path(folder)
     checkpoints = folder / "checkpoints"
@@ -115,15 +115,21 @@ def load_run(folder: str | Path) -> TrainedRun:
         inputs = ModelInputs.from_json(meta["model_inputs"])
     else:  # a checkpoint written before the inputs were recorded: ask the dataset
         inputs = model_inputs(config, config.data.load(config.seed, progress=False))
-    check_model_fits(config.model, inputs.task, str(folder))
-    options = {}
-    if inputs.task.input_vocab_size is not None:
-        options["vocab_size"] = inputs.task.input_vocab_size
-    model = get_model(
-        config.model, inputs.num_classes, lowering=config.execution.conv_lowering, **options
-    )
+    state_path = checkpoints / str(latest) / "state"
+    if config.model.pretrained:  # the checkpoint holds what was trained: adapters on the base
+        try:
+            built, _ = config.model.load(jax.random.key(0))
+        except InvalidArgument as error:
+            raise RunError(
+                f"{folder} was fine-tuned from {config.model.checkpoint}: {error}"
+            ) from error
+        trained = _restore_params(state_path, jax.eval_shape(lambda: built.params))
+        return TrainedRun(
+            folder, latest, config, inputs, built.model.apply, built.full_params(trained)
+        )
+    model = builtin_model(config, inputs.num_classes, inputs.task, str(folder))
     expected = jax.eval_shape(model.init, jax.random.key(0), inputs.sample())
-    params = _restore_params(checkpoints / str(latest) / "state", expected)
+    params = _restore_params(state_path, expected)
     return TrainedRun(folder, latest, config, inputs, model.apply, params)
 
 

@@ -83,7 +83,7 @@ def test_yaml_then_cli_overrides_then_resolution(tmp_path):
         ]
     )
     assert resume is False
-    assert config.model == "dense"  # from the file
+    assert config.model.name == "dense"  # from the file
     assert config.training.rounds == 5  # the CLI wins over the file
     assert config.training.cohort_size == 7
     assert config.algorithm.client_learning_rate == 0.01
@@ -155,7 +155,11 @@ def test_resolution_fills_the_execution_section_from_the_backend_defaults(backen
 def test_no_arguments_is_the_embedded_digits_default():
     config, _ = parse_run_arguments([])
     assert config == ExperimentConfig()
-    assert (config.data.name, config.model, config.algorithm.name) == ("digits", "cnn", "fedavg")
+    assert (config.data.name, config.model.name, config.algorithm.name) == (
+        "digits",
+        "cnn",
+        "fedavg",
+    )
     assert (config.training.rounds, config.training.cohort_size) == (60, 10)
     assert (config.training.local_epochs, config.training.batch_size) == (2, 10)
     assert (config.aggregator.name, config.attack.name) == ("mean", "none")
@@ -276,7 +280,7 @@ def test_a_dataset_family_subcommand_takes_the_dataset_name_flag():
         ("trainin: {rounds: 5}", "trainin", "did you mean 'training'"),
         ("training: {rounds: ten}", "training.rounds", "expected an integer, got 'ten'"),
         ("training: {rounds: 1.5}", "training.rounds", "expected an integer, got 1.5"),
-        ("model: resnet", "model", "expected one of 'cnn', 'dense', 'logreg'"),
+        ("model: resnet", "model.name", "did you mean 'resnet18'"),
         (
             "algorithm: {client_learning_rate: fast}",
             "algorithm.client_learning_rate",
@@ -413,6 +417,8 @@ def test_configs_built_in_python_are_type_checked_too():
         (["--batch-size", "0"], "training.batch_size"),
         (["--dirichlet-alpha", "0"], "data.alpha"),
         (["--algorithm", "fedadamm"], "algorithm.name: unknown algorithm 'fedadamm'"),
+        (["--model", "resnet"], "model.name: unknown model 'resnet'; did you mean 'resnet18'"),
+        (["--model", "gpt2"], "model.checkpoint: model gpt2 needs --model.checkpoint DIR"),
         (["--algorithm", "fedavgm", "--algorithm.momentum", "1.0"], "algorithm.momentum"),
     ],
 )
@@ -425,7 +431,6 @@ def test_invalid_options_fail_before_any_work(tmp_path, capsys, arguments, messa
 @pytest.mark.parametrize(
     "arguments, fragment",
     [
-        (["--model", "resnet"], "invalid choice 'resnet' for argument '--model'"),
         (["--training.roundz", "5"], "Unrecognized options: --training.roundz"),
         (["--rounds", "ten"], "Error parsing --rounds/--training.rounds"),
         (["--algorithm", "fedprox", "--client-lr", "0.1"], "--algorithm.proximal-mu FLOAT"),
@@ -491,10 +496,10 @@ def test_the_config_vocabulary_matches_the_libraries():
 
     from fedjaxsim.data.registry import DATASETS as LOADERS
     from fedjaxsim.models import MODEL_NAMES
-    from fedjaxsim.runner.config import ModelName
+    from fedjaxsim.runner.model_configs import BuiltinModel
 
     assert set(DATASETS) == set(LOADERS)
-    assert set(typing.get_args(ModelName)) == set(MODEL_NAMES)
+    assert set(typing.get_args(typing.get_type_hints(BuiltinModel)["name"])) == set(MODEL_NAMES)
     # Every algorithm builder the package exports is wired into the runner,
     # except the generic fed_avg, which takes optax transforms (the runner's
     # fedavg is fed_sgd_avg, and adaptive servers have their own entries).

@@ -9,7 +9,7 @@ import pytest
 from fedjaxsim.data.federated import FederatedData, FederatedDataset
 from fedjaxsim.runner.cli import main
 from fedjaxsim.runner.config import load_config
-from fedjaxsim.runner.inspect_data import label_counts, summarize
+from fedjaxsim.runner.inspect_data import COUNT_BYTES, label_counts, summarize, summarized_clients
 
 
 @pytest.fixture(scope="module")
@@ -153,6 +153,17 @@ def test_skew_measures_have_their_closed_forms():
     summary = summarize(iid, label_counts(iid.train, 3))
     assert (summary["label_tv_distance_mean"], summary["client_size_cv"]) == (0.0, 0.0)
     assert (summary["clients"], summary["examples"], summary["classes"]) == (2, 6, 3)
+
+
+def test_the_summarized_sample_keeps_histograms_of_a_large_vocabulary_within_budget():
+    class Split:
+        num_clients = 342_477
+
+    vocabulary = 50_257  # GPT-2's
+    sample = summarized_clients(Split(), seed=0, num_classes=vocabulary)
+    assert len(sample) * vocabulary * 8 <= COUNT_BYTES
+    assert len(np.unique(sample)) == len(sample) > 100
+    assert len(summarized_clients(Split(), seed=0, num_classes=62)) == 5_000
 
 
 def test_data_inspect_writes_a_png_and_prints_the_summary(tmp_path, capsys):

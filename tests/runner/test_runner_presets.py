@@ -142,7 +142,7 @@ def test_reddi_presets(name):
     path = CONFIGS / f"{name}.yaml"
     config = resolve(load_config(path), backend="cpu")
     assert config.data.name == protocol.data
-    assert config.model == protocol.model
+    assert config.model.name == protocol.model
     algorithm = config.algorithm
     assert algorithm.name == method
     log_client, log_server = TABLE_10_CLIENT[task][column], TABLE_10_SERVER[task][column]
@@ -179,7 +179,7 @@ def test_reddi_presets(name):
 def test_fedjax_benchmark_presets(name):
     expected = FEDJAX[name]
     config = resolve(load_config(CONFIGS / f"{name}.yaml"), backend="cpu")
-    assert (config.data.name, getattr(config.data, "source", None), config.model) == (
+    assert (config.data.name, getattr(config.data, "source", None), config.model.name) == (
         expected.data,
         expected.source,
         expected.model,
@@ -264,7 +264,7 @@ def test_emnist_dp_preset_has_the_adaptive_clipping_of_andrew_et_al():
     assert (config.algorithm.name, config.algorithm.momentum) == ("fedavgm", 0.9)
     training = config.training
     assert (training.cohort_size, training.sampling, training.rounds) == (100, "poisson", 1500)
-    assert config.data.name == "federated_emnist" and config.model == "cnn"
+    assert config.data.name == "federated_emnist" and config.model.name == "cnn"
     assert privacy.delta == min(1e-5, 3400**-1.1) == 1e-5  # the documented default
     assert privacy.adjacency == "add_or_remove_one"
     z = privacy.noise_multiplier

@@ -9,6 +9,7 @@ import jax.numpy as jnp
 
 from fedjaxsim.core.aggregators import ClientPayload, client_contribution
 from fedjaxsim.core.algorithm import Algorithm
+from fedjaxsim.core.losses import FROZEN_KEY
 from fedjaxsim.core.trees import tree_add, tree_where
 from fedjaxsim.core.types import PyTree
 
@@ -19,6 +20,30 @@ class RoundContext(NamedTuple):
     broadcast: PyTree  # algorithm.broadcast(server_state); [ring, ...] when clients have versions
     aggregator_state: PyTree  # the aggregator's state at the start of the round
     client_rng: jax.Array  # per-client keys are fold_in(client_rng, client_id)
+    frozen: PyTree = ()  # read by every client, trained by none (a frozen base model)
+
+
+def batches_with_frozen(client_step: Callable, frozen: PyTree) -> Callable:
+    """``client_step`` whose batches also hold ``frozen`` under :data:`FROZEN_KEY`.
+
+    The frozen inputs (e.g. the base weights under LoRA adapters) enter the
+    round once, unbatched, so vmap over clients never stacks them and XLA
+    never differentiates them: only what the algorithm trains has a client
+    axis. Without frozen inputs the step is unchanged.
+    """
+    if not jax.tree.leaves(frozen):
+        return client_step
+
+    def step(local, batch, mask, rng):
+        if not isinstance(batch, dict) or FROZEN_KEY in batch:
+            raise ValueError(
+                f"frozen inputs reach client steps as batch[{FROZEN_KEY!r}]: the cohort's data "
+                f"must be a dict without that key, got {type(batch).__name__} with keys "
+                f"{sorted(batch) if isinstance(batch, dict) else '-'}"
+            )
+        return client_step(local, {**batch, FROZEN_KEY: frozen}, mask, rng)
+
+    return step
 
 
 def client_broadcast(context: RoundContext, version: jax.Array | None) -> PyTree:

@@ -25,6 +25,7 @@ from fedjaxsim.core.engine.client import (
     ClientSums,
     RoundContext,
     batches_with_feature_shapes,
+    batches_with_frozen,
     client_broadcast,
     finish_client,
     guarded_step,
@@ -181,8 +182,14 @@ def train_lane(
       ``[clients_per_lane, ...]``.
     """
     lone = active is None
-    client_step = batches_with_feature_shapes(algorithm.client_step, feature_shapes)
-    guard = "select" if lone and loops_lone_lane(plan.scan_unroll) else "cond"
+    client_step = batches_with_feature_shapes(
+        batches_with_frozen(algorithm.client_step, context.frozen), feature_shapes
+    )
+    # Under vmap a lax.cond on a per-lane predicate becomes a select that first
+    # broadcasts every operand to the lane axis, frozen inputs included (a
+    # copy of a frozen base model per lane); an explicit select computes the
+    # same values and leaves unbatched operands unbatched.
+    guard = "cond" if lone and not loops_lone_lane(plan.scan_unroll) else "select"
     local_step = guarded_step(client_step, guard)
     client_rngs = jax.vmap(jax.random.fold_in, in_axes=(None, 0))(
         context.client_rng, lane.client_id

@@ -169,6 +169,7 @@ def _round_body(
     rng,
     client_states,
     schedule,
+    frozen,
 ):
     """One round, top to bottom: gather, train the clients, combine, server update."""
     validate_cohort(cohort)
@@ -177,7 +178,7 @@ def _round_body(
     lanes, lane_clients = gather_lanes(cohort, client_states, schedule)
     client_rng, server_rng = jax.random.split(rng)
     aggregator_state = aggregator_state_of(server_state)
-    context = RoundContext(broadcast, aggregator_state, client_rng)
+    context = RoundContext(broadcast, aggregator_state, client_rng, frozen)
     # 2. Train the clients: local steps, finalisation, each client's share.
     trained = train_cohort(context, lanes, lane_clients, cohort.num_clients)
     # 3. Combine the shares into the aggregate.
@@ -215,18 +216,22 @@ def build_round(algorithm: Algorithm, plan: ExecutionPlan | None = None, mesh=No
         would; one ``psum`` adds up the clients.
 
     Returns:
-      ``round_fn(server_state, cohort, rng, client_states=(), schedule=None)``
-      returning ``(new_server_state, RoundOutput)``. ``client_states`` is a
-      pytree with a leading ``num_clients`` axis (cohort order) for stateful
-      algorithms, ``()`` otherwise. ``schedule`` is an optional
-      :class:`ClientSchedule` (its ``version`` belongs to
-      :func:`build_buffered_round`). The function is jitted; it retraces only
-      when shapes or dtypes change.
+      ``round_fn(server_state, cohort, rng, client_states=(), schedule=None,
+      frozen=())`` returning ``(new_server_state, RoundOutput)``.
+      ``client_states`` is a pytree with a leading ``num_clients`` axis
+      (cohort order) for stateful algorithms, ``()`` otherwise. ``schedule``
+      is an optional :class:`ClientSchedule` (its ``version`` belongs to
+      :func:`build_buffered_round`). ``frozen`` is a pytree every client
+      reads and none trains, such as the base weights under LoRA adapters:
+      it enters once, replicated, is never stacked per client, and reaches
+      the algorithm's client steps as ``batch["frozen"]`` (a loss made by
+      :func:`fedjaxsim.core.losses.with_frozen_params` reads it there). The function
+      is jitted; it retraces only when shapes or dtypes change.
     """
     plan = default_plan() if plan is None else plan
     train_cohort = _train_cohort(algorithm, plan, mesh)
 
-    def round_fn(server_state, cohort: Cohort, rng, client_states=(), schedule=None):
+    def round_fn(server_state, cohort: Cohort, rng, client_states=(), schedule=None, frozen=()):
         if schedule is not None and schedule.version is not None:
             raise ValueError(
                 "ClientSchedule.version is for asynchronous rounds: build them with "
@@ -244,6 +249,7 @@ def build_round(algorithm: Algorithm, plan: ExecutionPlan | None = None, mesh=No
             rng,
             client_states,
             schedule,
+            frozen,
         )
 
     return jax.jit(round_fn)
@@ -291,7 +297,7 @@ def build_buffered_round(
         updates unscaled.
 
     Returns:
-      ``step_fn(buffered, cohort, rng, client_states=(), schedule=None)``
+      ``step_fn(buffered, cohort, rng, client_states=(), schedule=None, frozen=())``
       returning ``(new_buffered, RoundOutput)``; ``schedule.version`` is
       required. ``buffered`` is donated: its arrays are invalid after the
       call, so keep only the returned state (copy it first to reuse it).
@@ -299,7 +305,9 @@ def build_buffered_round(
     plan = default_plan() if plan is None else plan
     train_cohort = _train_cohort(algorithm, plan, mesh)
 
-    def step_fn(buffered: BufferedServer, cohort: Cohort, rng, client_states=(), schedule=None):
+    def step_fn(
+        buffered: BufferedServer, cohort: Cohort, rng, client_states=(), schedule=None, frozen=()
+    ):
         if schedule is None or schedule.version is None:
             raise ValueError(
                 "a buffered step needs schedule=ClientSchedule(version=...): the server "
@@ -323,6 +331,7 @@ def build_buffered_round(
             rng,
             client_states,
             schedule,
+            frozen,
         )
         new_version = buffered.version + 1
         row = new_version % ring_size
