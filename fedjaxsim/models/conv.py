@@ -1,14 +1,18 @@
-"""A VALID convolution with two interchangeable lowerings.
+"""A VALID convolution with three interchangeable lowerings.
 
 ``Conv`` holds the same parameters as ``flax.linen.Conv`` (``kernel`` of shape
 ``[kh, kw, in, out]`` and ``bias``) and computes the same function, lowered as
-either ``lax.conv_general_dilated`` or "patches": the ``kh * kw`` shifted
-slices of the input concatenated on the channel axis, then one matmul. On
-XLA:CPU a convolution's gradient inside any loop is an order of magnitude
-slower (jax issue 12868) and vmap over per-client kernels becomes a grouped
-convolution; the patches form avoids both, and also beat grouped convolutions
-on GPUs (benchmarks/RESULTS.md). The lowering is chosen when the model is
-built (``fedjaxsim.models.get_model``).
+``lax.conv_general_dilated`` ("lax"), as "patches": the ``kh * kw`` shifted
+slices of the input concatenated on the channel axis, then one matmul, or as
+oneDNN's convolution through ``jax.ffi`` ("onednn", CPU only,
+``fedjaxsim.models.conv_onednn``). On XLA:CPU a convolution's gradient inside
+any loop is an order of magnitude slower (jax issue 12868) and vmap over
+per-client kernels becomes a grouped convolution; the patches form avoids
+both, and also beat grouped convolutions on GPUs (benchmarks/RESULTS.md).
+oneDNN's kernels avoid the loop trap too and are faster than patches on CPU;
+where oneDNN cannot be loaded, or for inputs that are not float32, "onednn"
+computes the patches form. The lowering is chosen when the model is built
+(``fedjaxsim.models.get_model``).
 """
 
 from __future__ import annotations
@@ -19,7 +23,7 @@ import jax.numpy as jnp
 
 from fedjaxsim.models.dense import affine
 
-LOWERINGS = ("patches", "lax")
+LOWERINGS = ("patches", "lax", "onednn")
 
 
 def conv2d_valid(
@@ -34,6 +38,12 @@ def conv2d_valid(
 
     ``cpu_gradients`` applies to the patches lowering (``models/dense.py``).
     """
+    if lowering == "onednn":
+        from fedjaxsim.models import conv_onednn
+
+        if inputs.dtype == jnp.float32 and conv_onednn.available():
+            return conv_onednn.conv2d_valid(inputs, kernel, bias)
+        lowering = "patches"
     if lowering == "lax":
         outputs = jax.lax.conv_general_dilated(
             inputs,
@@ -62,7 +72,7 @@ def conv2d_valid(
 
 
 class Conv(nn.Module):
-    """Stride-1 VALID convolution lowered as ``lowering`` ("patches" or "lax")."""
+    """Stride-1 VALID convolution lowered as ``lowering`` ("patches", "lax" or "onednn")."""
 
     features: int
     kernel_size: tuple[int, int] = (3, 3)

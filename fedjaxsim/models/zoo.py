@@ -5,6 +5,7 @@ return logits."""
 from __future__ import annotations
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
 
 from fedjaxsim.models.conv import Conv, max_pool_2x2
@@ -32,7 +33,7 @@ class EmnistCnn(nn.Module):
     """
 
     num_classes: int = 62
-    lowering: str = "patches"  # of the convolutions: "patches" or "lax"
+    lowering: str = "patches"  # of the convolutions: "patches", "lax" or "onednn"
     cpu_gradients: bool = False  # gradients as plain dots (models/dense.py)
 
     @nn.compact
@@ -40,15 +41,19 @@ class EmnistCnn(nn.Module):
         x = as_float_pixels(x)
         if x.ndim == 3:  # [batch, h, w] -> [batch, h, w, 1]
             x = x[..., None]
-        conv = dict(lowering=self.lowering, cpu_gradients=self.cpu_gradients)
+        # oneDNN runs only on CPU, where the dense layers' CPU gradients pay as well.
+        cpu_gradients = self.cpu_gradients or (
+            self.lowering == "onednn" and jax.default_backend() == "cpu"
+        )
+        conv = dict(lowering=self.lowering, cpu_gradients=cpu_gradients)
         x = nn.relu(Conv(32, **conv)(x))
         x = nn.relu(Conv(64, **conv)(x))
         x = max_pool_2x2(x)
         x = nn.Dropout(0.25, deterministic=not train)(x)
         x = x.reshape(x.shape[0], -1)
-        x = nn.relu(Dense(128, self.cpu_gradients)(x))
+        x = nn.relu(Dense(128, cpu_gradients)(x))
         x = nn.Dropout(0.5, deterministic=not train)(x)
-        return Dense(self.num_classes, self.cpu_gradients)(x)
+        return Dense(self.num_classes, cpu_gradients)(x)
 
 
 class DenseNet(nn.Module):

@@ -164,8 +164,10 @@ def test_cnn_lowerings_agree_with_flax_on_outputs_and_gradients():
             EmnistCnn(10, lowering="patches", cpu_gradients=False)
         ),
         "lax, cpu gradients": from_linen(EmnistCnn(10, lowering="lax", cpu_gradients=True)),
+        # oneDNN where it loads (tests/models/test_conv_onednn.py), else patches.
+        "get_model onednn": get_model("cnn", 10, lowering="onednn", backend="cpu"),
     }
-    assert set(LOWERINGS) == {"patches", "lax"}
+    assert set(LOWERINGS) == {"patches", "lax", "onednn"}
     for name, model in models.items():
         assert jax.tree.structure(model.init(jax.random.key(0), x)) == jax.tree.structure(params), (
             name
