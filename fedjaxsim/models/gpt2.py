@@ -365,7 +365,10 @@ class GPT2(nn.Module):
     plus learned position embeddings, ``n_layer`` pre-LayerNorm blocks of
     causal self-attention and an MLP, a final LayerNorm, and logits from the
     output head tied to the token embedding (``h @ wte.T``). Dropout is active
-    only when ``train=True`` and a ``"dropout"`` RNG is given.
+    only when ``train=True`` and a ``"dropout"`` RNG is given. Matmuls use
+    JAX's default precision, which on recent GPUs may be TF32 for float32;
+    wrap calls in ``jax.default_matmul_precision("highest")`` to match
+    float32 references there.
 
     The params tree: ``wte/embedding`` ``[vocab_size, n_embd]``,
     ``wpe/embedding`` ``[n_positions, n_embd]``, per block ``h_{i}`` the

@@ -35,6 +35,15 @@ FIXTURE = Path(__file__).resolve().parents[1] / "fixtures" / "tiny_gpt2"
 INPUTS = ("full", "batch", "short")
 
 
+@pytest.fixture(autouse=True)
+def full_float32_matmuls():
+    # The references are float32 (transformers on CPU) and float64; on GPUs
+    # JAX's default float32 matmul may use TF32, so the comparisons pin full
+    # precision. On CPU this changes nothing.
+    with jax.default_matmul_precision("highest"):
+        yield
+
+
 @pytest.fixture(scope="module")
 def reference():
     with np.load(FIXTURE / "reference_logits.npz") as data:

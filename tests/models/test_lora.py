@@ -197,6 +197,7 @@ def test_split_and_merge_trace_under_jit_and_vmap(lora_lm):
 # --- one projection against float64 NumPy --------------------------------------
 
 
+@jax.default_matmul_precision("highest")  # no TF32 on GPUs; no effect on CPU
 def test_projection_update_equals_the_merged_kernel_in_float64():
     rng = np.random.default_rng(0)
     x = rng.standard_normal((3, 5, 8)).astype(np.float32)
