@@ -7,6 +7,8 @@ the loss; the memory check reads XLA's compiled memory analysis.
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -14,12 +16,14 @@ import optax
 import pytest
 
 from fedjaxsim.algorithms.fed_avg import fed_avg
+from fedjaxsim.core.algorithm import with_aggregator
 from fedjaxsim.core.engine import ExecutionPlan, build_round
 from fedjaxsim.core.losses import with_frozen_params
 from fedjaxsim.core.packing import PackingConfig, pack_cohort
+from fedjaxsim.privacy import dp_fed_avg_aggregator
 from fedjaxsim.testing import least_squares_problem
 from fedjaxsim.testing.algorithm_references import least_squares_loss_and_grad
-from fedjaxsim.testing.references import RoundSchedule, fed_avg_round
+from fedjaxsim.testing.references import RoundSchedule, local_sgd
 
 LEARNING_RATE = 0.05
 
@@ -35,38 +39,87 @@ def _merge(frozen, trainable):
     return {**frozen, **trainable}
 
 
-@pytest.mark.parametrize("num_lanes", [None, 3])
-def test_fed_avg_over_the_trainable_part_matches_a_float64_loop_with_a_frozen_constant(num_lanes):
-    problem = least_squares_problem(num_clients=6, dim=4, seed=3)
-    clients = [{"x": x, "y": y} for x, y in problem.clients]
-    ids = list(range(len(clients)))
-    rng = np.random.default_rng(0)
-    frozen_w = rng.normal(size=(4, 1)).astype(np.float32)
-    adapter = 0.1 * rng.normal(size=(4, 1)).astype(np.float32)
-    algorithm = fed_avg(with_frozen_params(_full_loss, _merge), optax.sgd(LEARNING_RATE))
-    round_fn = build_round(algorithm, ExecutionPlan())
-    state = algorithm.init({"a": jnp.asarray(adapter)})
-    schedule = RoundSchedule(batch_size=8, num_epochs=1, seed=2, round_index=0)
-    config = PackingConfig(batch_size=8)
-    cohort = pack_cohort(
-        clients, ids, config, seed=2, round_index=0, num_total_clients=6, num_lanes=num_lanes
-    )
-    state, _ = round_fn(state, cohort, jax.random.key(0), frozen={"w": jnp.asarray(frozen_w)})
+class Problem(NamedTuple):
+    clients: list  # dicts of float32 x, y
+    frozen_w: np.ndarray  # float32[4, 1]
+    adapter: np.ndarray  # float32[4, 1]: the trained part's start
 
-    w64 = frozen_w.astype(np.float64)
+
+@pytest.fixture(scope="module")
+def problem():
+    data = least_squares_problem(num_clients=6, dim=4, seed=3)
+    rng = np.random.default_rng(0)
+    return Problem(
+        [{"x": x, "y": y} for x, y in data.clients],
+        rng.normal(size=(4, 1)).astype(np.float32),
+        0.1 * rng.normal(size=(4, 1)).astype(np.float32),
+    )
+
+
+def _engine_round(problem, aggregator=None, num_lanes=None):
+    algorithm = fed_avg(with_frozen_params(_full_loss, _merge), optax.sgd(LEARNING_RATE))
+    if aggregator is not None:
+        algorithm = with_aggregator(algorithm, aggregator)
+    state = algorithm.init({"a": jnp.asarray(problem.adapter)})
+    cohort = pack_cohort(
+        problem.clients,
+        range(6),
+        PackingConfig(batch_size=8),
+        seed=2,
+        round_index=0,
+        num_total_clients=6,
+        num_lanes=num_lanes,
+    )
+    frozen = {"w": jnp.asarray(problem.frozen_w)}
+    state, _ = build_round(algorithm)(state, cohort, jax.random.key(0), frozen=frozen)
+    return np.asarray(state.params["a"])
+
+
+def _reference_deltas(problem):
+    """Float64 local SGD of each client with the frozen weights as a constant."""
+    w64 = problem.frozen_w.astype(np.float64)
 
     def loss_and_grad(params, x, y):
         loss, (grad,) = least_squares_loss_and_grad([w64 + params[0]], x, y)
         return loss, [grad]
 
-    reference, _ = fed_avg_round(
-        [adapter.astype(np.float64)],
-        schedule.pack([(x.astype(np.float64), y) for x, y in problem.clients], ids),
-        loss_and_grad=loss_and_grad,
-        client_learning_rate=LEARNING_RATE,
+    schedule = RoundSchedule(batch_size=8, num_epochs=1, seed=2, round_index=0)
+    clients = [(c["x"].astype(np.float64), c["y"]) for c in problem.clients]
+    start = problem.adapter.astype(np.float64)
+    cohort = schedule.pack(clients, range(6))
+    runs = [
+        local_sgd(
+            [start],
+            client.batches,
+            loss_and_grad=loss_and_grad,
+            learning_rate=LEARNING_RATE,
+        )
+        for client in cohort
+    ]
+    return [start - run.params[0] for run in runs], [client.weight for client in cohort]
+
+
+@pytest.mark.parametrize("num_lanes", [None, 3])
+def test_fed_avg_over_the_trainable_part_matches_a_float64_loop_with_a_frozen_constant(
+    problem, num_lanes
+):
+    deltas, weights = _reference_deltas(problem)
+    mean = sum(w * d for w, d in zip(weights, deltas)) / sum(weights)
+    got = _engine_round(problem, num_lanes=num_lanes)
+    np.testing.assert_allclose(got, problem.adapter - mean, atol=1e-5)
+
+
+def test_dp_clips_each_clients_adapter_update(problem):
+    """DP-FedAvg composes with frozen inputs: each client's trainable update is
+    clipped, the sum divided by the cohort size (no noise here)."""
+    deltas, _ = _reference_deltas(problem)
+    clip_norm = float(np.median([np.linalg.norm(d) for d in deltas]))
+    clipped = [d * min(1.0, clip_norm / np.linalg.norm(d)) for d in deltas]
+    expected = problem.adapter - sum(clipped) / len(clipped)
+    aggregator = dp_fed_avg_aggregator(
+        clip_norm=clip_norm, noise_multiplier=0.0, expected_cohort_size=6
     )
-    assert set(state.params) == {"a"}  # the frozen weights are not part of the state
-    np.testing.assert_allclose(np.asarray(state.params["a"]), reference[0], atol=1e-5)
+    np.testing.assert_allclose(_engine_round(problem, aggregator), expected, atol=1e-5)
 
 
 def test_a_frozen_loss_without_frozen_inputs_names_the_fix():
