@@ -37,11 +37,15 @@ def data_dir(tmp_path_factory):
     return folder
 
 
+PRESET = Path(__file__).resolve().parents[2] / "configs" / "shakespeare_gpt2_lora.yaml"
+
+
 def _arguments(data_dir, output, *extra):
+    """The preset, on the tiny checkpoint and a few roles, with a small workload."""
     return [
         "run",
-        "--model",
-        "gpt2",
+        "--config",
+        str(PRESET),
         "--model.checkpoint",
         str(FIXTURE),
         "--model.lora-rank",
@@ -55,12 +59,6 @@ def _arguments(data_dir, output, *extra):
         "--data.no-strict",
         "--data.sequence-length",
         "32",
-        "--algorithm",
-        "fedadam",
-        "--algorithm.client-learning-rate",
-        "0.1",
-        "--algorithm.server-learning-rate",
-        "0.01",
         "--cohort-size",
         "3",
         "--batch-size",
@@ -172,3 +170,15 @@ def test_a_classification_dataset_is_refused_for_gpt2(tmp_path, capsys):
     arguments = ["run", "--model", "gpt2", "--model.checkpoint", str(FIXTURE), "--quiet"]
     assert main([*arguments, "--output-dir", str(tmp_path / "out"), "--rounds", "1"]) == 2
     assert "predicts the next token" in capsys.readouterr().err
+
+
+def test_the_preset_without_a_local_checkpoint_names_the_flag(tmp_path, monkeypatch):
+    from fedjaxsim.runner.config import ConfigError, load_config, validate
+
+    monkeypatch.chdir(tmp_path)  # no ./gpt2 folder here
+    with pytest.raises(ConfigError, match="model.checkpoint: 'gpt2' is not a folder"):
+        validate(load_config(PRESET))
+    (tmp_path / "gpt2").mkdir()
+    config = validate(load_config(PRESET))
+    assert (config.model.lora_rank, config.model.lora_alpha) == (4, 32.0)
+    assert config.model.lora_targets == ("attn.c_attn",)
