@@ -58,7 +58,8 @@ def test_the_functional_api_page_has_its_examples():
 
 
 @pytest.mark.parametrize("page", PAGES_WITH_EXAMPLES, ids=lambda p: str(p.relative_to(DOCS)))
-def test_python_blocks_run(page):
+def test_python_blocks_run(page, monkeypatch):
+    monkeypatch.chdir(ROOT)  # pages name repository files from its root
     _run(page)
 
 
@@ -99,3 +100,12 @@ def test_algorithm_from_scratch_equals_builtin_server_momentum():
         for g, w in zip(jax.tree.leaves(state.params), jax.tree.leaves(initial))
     )
     assert moved > 1e-2
+
+
+def test_language_model_example_trains_only_the_adapters():
+    from fedjaxsim.models.lora import ADAPTER_NAMES
+
+    namespace = _run(DOCS / "concepts" / "language_models.md")
+    leaves = jax.tree_util.tree_leaves_with_path(namespace["state"].params)
+    assert leaves and {path[-1].key for path, _ in leaves} == set(ADAPTER_NAMES)
+    assert namespace["text"].shape == (1, 8)
