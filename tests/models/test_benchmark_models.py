@@ -69,6 +69,34 @@ def resnet18_gn_count(num_classes):
     return total + 512 * num_classes + num_classes
 
 
+def tff_resnet18_gn_count(num_classes):
+    """Reddi et al.'s ResNet-18 v2 (google-research/federated
+    utils/models/resnet_models.py): 7x7 stem, pre-activation blocks whose
+    first norm sees the block's input channels (none before the very first
+    block), one norm after the last block, 1x1 projection shortcuts."""
+    conv = lambda k, cin, cout: k * k * cin * cout  # noqa: E731
+    norm = lambda c: 2 * c  # noqa: E731
+    total = conv(7, 3, 64) + norm(64)  # stem
+    cin = 64
+    for width in (64, 128, 256, 512):
+        for block in range(2):
+            first_norm = 0 if (width == 64 and block == 0) else norm(cin)
+            total += first_norm + conv(3, cin, width) + norm(width) + conv(3, width, width)
+            if cin != width:
+                total += conv(1, cin, width) + norm(width)
+            cin = width
+    return total + norm(512) + 512 * num_classes + num_classes
+
+
+def transformer_count(vocab, max_length, num_layers, hidden, mlp):
+    """Token and position embeddings; per block two LayerNorms (scale, bias),
+    query/key/value/output projections with biases and a two-layer MLP; a
+    final LayerNorm and the output layer."""
+    block = 2 * 2 * hidden + 4 * (hidden * hidden + hidden) + 2 * hidden * mlp + mlp + hidden
+    embeddings = vocab * hidden + max_length * hidden
+    return embeddings + num_layers * block + 2 * hidden + hidden * vocab + vocab
+
+
 def test_parameter_counts():
     # Shakespeare (TFF char_prediction_models): 86 characters + pad, oov, bos,
     # eos = 90 ids; embedding 8; two LSTMs of 256; dense 90. Closed form:
@@ -84,9 +112,20 @@ def test_parameter_counts():
     # Stack Overflow tag prediction: Reddi et al. 2021, Table 3 / TFF: 5,000,500.
     assert abstract_count(BagOfWordsLogReg(), IDS) == 10000 * 500 + 500 == 5_000_500
     # CIFAR-100 ResNet-18 with GroupNorm: the closed form, 11,220,132 (the same
-    # as with BatchNorm's scale and bias).
+    # as with BatchNorm's scale and bias; no published count for this layout
+    # was found). Reddi et al.'s code builds an ImageNet-stem ResNet v2 with
+    # 7,680 more parameters: 11,227,812, the count torchvision's resnet18 has
+    # with a 100-class head (11,689,512 - 1000 * 513 + 100 * 513).
     assert resnet18_gn_count(100) == 11_220_132
     assert abstract_count(ResNet18(), IMAGES) == 11_220_132
+    assert tff_resnet18_gn_count(100) == 11_689_512 - 1000 * 513 + 100 * 513 == 11_227_812
+    assert tff_resnet18_gn_count(100) - resnet18_gn_count(100) == (7 * 7 - 3 * 3) * 3 * 64
+    # The causal transformer (not in Reddi et al.; no published count): the
+    # closed form, 2,291,060 with the Stack Overflow vocabulary.
+    count = transformer_count(10004, 256, 3, 96, 4 * 96)
+    assert count == 2_291_060
+    assert abstract_count(CausalTransformer(vocab_size=10004), IDS) == count
+    assert abstract_count(CausalTransformer(vocab_size=90), IDS) == 377_658
 
 
 def _sigmoid(z):
@@ -202,10 +241,12 @@ def test_resnet_augmentation():
         rngs = None if rng is None else {"dropout": rng}
         return module.apply({}, x, train, method=ResNet18.preprocess, rngs=rngs)
 
-    by_hand = per_image_standardization(images[:, 1:7, 1:7, :])
-    np.testing.assert_array_equal(preprocess(images, False), by_hand)
-    np.testing.assert_array_equal(preprocess(images, True), by_hand)
-    np.testing.assert_array_equal(preprocess(images, False, jax.random.key(5)), by_hand)
+    # TFF standardises 0..255 pixels.
+    by_hand = np.asarray(per_image_standardization(255.0 * images[:, 1:7, 1:7, :]))
+    close = dict(rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(preprocess(images, False), by_hand, **close)
+    np.testing.assert_allclose(preprocess(images, True), by_hand, **close)
+    np.testing.assert_allclose(preprocess(images, False, jax.random.key(5)), by_hand, **close)
     crops = preprocess(images, True, jax.random.key(5))
     assert crops.shape == (3, 6, 6, 3)
     # Each training crop is one of the 3x3 windows, possibly mirrored.
@@ -213,7 +254,11 @@ def test_resnet_augmentation():
         windows = [image[i : i + 6, j : j + 6] for i in range(3) for j in range(3)]
         windows = [(w - w.mean()) / w.std() for w in windows + [w[:, ::-1] for w in windows]]
         assert any(np.allclose(crop, w, atol=1e-4) for w in windows)
-    # uint8 pixels are scaled by 1/255.
+    # The std floor, 1/sqrt(6*6*3), applies to 0..255 pixels: an image that
+    # varies by about 1/255 is still standardised to unit std.
+    faint = 0.5 + 0.004 * np.random.default_rng(10).standard_normal((1, 8, 8, 3))
+    assert np.std(preprocess(jnp.asarray(faint, jnp.float32), False)) == pytest.approx(1, rel=1e-3)
+    # uint8 pixels and the same pixels as floats in [0, 1] agree.
     pixels = (np.asarray(images) * 255).astype(np.uint8)
     np.testing.assert_allclose(
         preprocess(jnp.asarray(pixels), False),
@@ -262,7 +307,7 @@ def test_vmap_over_clients(name):
 
 def test_get_model_builds_the_new_names():
     assert MODEL_NAMES[:3] == ("cnn", "dense", "logreg")
-    transformer = abstract_count(CausalTransformer(vocab_size=10004), IDS)
+    transformer = transformer_count(10004, 256, 3, 96, 4 * 96)
     cases = {  # name: (num_classes, sample inputs, parameter count)
         "char_lstm": (90, IDS, 820_522),
         "word_lstm": (10004, IDS, 4_050_748),
