@@ -30,6 +30,23 @@ padded to ``L + 1``; ``x`` is ids ``[:-1]`` and ``y`` ids ``[1:]``, uint16[N, L]
 Accuracy leaves out pad, oov, bos and eos targets, as Reddi et al. report it
 (:func:`nwp_task`).
 
+Tokenized next-word prediction (``tokenizer=`` a local Hugging Face
+``tokenizer.json``), for fine-tuning a pretrained language model: each
+sentence, the ``tokens`` string as TFF stores it (words joined by single
+spaces) decoded as UTF-8, is tokenized (:func:`fedjaxsim.data.text.encode_texts`)
+and becomes one row ``s = [EOS] + ids + [EOS]`` of ``L`` targets:
+``x = s[:-1]`` and ``y = s[1:]``, cut to ``L`` and padded (targets with the
+tokenizer's vocabulary size, inputs with the end-of-text id), as
+:func:`fedjaxsim.data.text.pad_examples` lays out a prompt ``[EOS]`` and a
+response ``ids + [EOS]``. The leading end-of-text token plays TFF's bos (GPT-2's
+document separator), so every token of the sentence is a target, and the
+trailing one its eos, lost, as TFF's, when the sentence fills the row. An
+empty sentence keeps its row (one target, end-of-text), so the example
+counts stay the published ones. Accuracy counts every real target
+(:func:`fedjaxsim.data.text.next_token_task`). The store
+(``stackoverflow_nwp_tok{digest}_seq{L}``, :func:`store_name`) never shares a
+folder with the word ids, and its manifests record the tokenizer.
+
 Tag prediction (``stackoverflow_tp``) follows TFF's
 ``tag_prediction_preprocessing.build_to_ids_fn``: the words of ``tokens + ' '
 + title`` split on runs of whitespace, and the ``|``-separated tags. TFF
@@ -73,6 +90,7 @@ import numpy as np
 
 from fedjaxsim.core.tasks import Task
 from fedjaxsim.data import download as downloads
+from fedjaxsim.data import text
 from fedjaxsim.data.emnist import SplitFacts
 from fedjaxsim.data.federated import FederatedData, FederatedDataset
 from fedjaxsim.data.formats import DataFormatError
@@ -84,6 +102,10 @@ from fedjaxsim.data.streaming_store import (
 from fedjaxsim.data.validation import InvalidClient
 
 TASKS = ("stackoverflow_nwp", "stackoverflow_tp")
+_TOKENIZER_TASK_MESSAGE = (
+    "a tokenizer applies to next-word prediction (stackoverflow_nwp) only; {task} keeps its "
+    "bag of words (tag prediction has no token sequence to fine-tune a language model on)"
+)
 SPLITS = ("train", "held_out", "test")
 EVAL_SPLITS = ("test", "held_out")
 DEFAULT_VOCAB_SIZE = 10_000
@@ -362,6 +384,122 @@ class NextWordPreprocessing:
         return {"x": sequences[:, :-1], "y": sequences[:, 1:]}, counts
 
 
+class TokenizedNextWordPreprocessing:
+    """Next-word rows of a Hugging Face tokenizer's ids for one client (module docstring).
+
+    Rows are uint16 when every id and the padding target (the vocabulary
+    size) fit, as GPT-2's 50,257 do, else int32: the train split holds 135
+    million sentences, so the narrower rows halve the store. Models and
+    losses widen ids to int32 on the device.
+
+    Args:
+      tokenizer: a ``tokenizers.Tokenizer`` or the path of a ``tokenizer.json``.
+      sequence_length: targets per row (``L``); longer sentences are cut and counted.
+      eos_token: the end-of-text token before and after each sentence.
+
+    Raises:
+      ValueError: a bad ``sequence_length``, or a tokenizer without ``eos_token``.
+      FileNotFoundError: a missing tokenizer file.
+    """
+
+    columns = ("tokens",)
+
+    def __init__(
+        self,
+        tokenizer,
+        sequence_length: int = DEFAULT_SEQUENCE_LENGTH,
+        *,
+        eos_token: str = text.DEFAULT_EOS_TOKEN,
+    ):
+        _check_int("sequence_length", sequence_length, 1)
+        self.tokenizer = text.as_tokenizer(tokenizer)
+        self.sequence_length = int(sequence_length)
+        self.eos_token = eos_token
+        self.eos_id = text.eos_id(self.tokenizer, eos_token)
+        self.pad_id = text.vocab_size(self.tokenizer)
+        self.digest = text.tokenizer_digest(self.tokenizer)
+        self.dtype = np.uint16 if self.pad_id < _UINT16_IDS else np.int32
+
+    @property
+    def name(self) -> str:
+        return "stackoverflow_nwp"
+
+    @property
+    def num_classes(self) -> int:
+        return self.pad_id
+
+    @property
+    def input_shape(self) -> tuple[int, ...]:
+        return (self.sequence_length,)
+
+    @property
+    def task(self) -> Task:
+        return text.next_token_task(self.tokenizer)
+
+    @property
+    def fields(self) -> dict[str, FieldSpec]:
+        row = FieldSpec(self.dtype, (self.sequence_length,))
+        return {"x": row, "y": row}
+
+    @property
+    def params(self) -> dict:
+        return tokenized_params(self.digest, self.eos_token, self.sequence_length)
+
+    def describe(self) -> dict:
+        """The tokenizer's facts for the store's metadata."""
+        return text.describe_tokenizer(self.tokenizer, self.eos_token)
+
+    def __call__(
+        self, columns: Mapping[str, Sequence[bytes]]
+    ) -> tuple[dict[str, np.ndarray], dict[str, int]]:
+        """``{"tokens": sentences}`` -> (``{"x", "y"}`` [N, L], counts).
+
+        Raises:
+          InvalidClient: a sentence that is not UTF-8.
+        """
+        sentences = []
+        for index, sentence in enumerate(columns["tokens"]):
+            try:
+                sentences.append(sentence.decode("utf-8"))
+            except UnicodeDecodeError as error:
+                raise InvalidClient(
+                    "bad text",
+                    f"has sentence {index} that is not UTF-8 ({error}); a tokenizer reads text",
+                ) from error
+        length, eos, pad = self.sequence_length, self.eos_id, self.pad_id
+        xs, ys = [], []
+        truncated = tokens = dropped = 0
+        # text.pad_examples([[EOS]], [ids + [EOS]], L, pad, EOS) row by row, in
+        # plain lists: it is this loop that 135 million sentences go through.
+        for ids in text.encode_texts(self.tokenizer, sentences):
+            tokens += len(ids)
+            sequence = [eos, *ids, eos]
+            if len(sequence) - 1 > length:
+                truncated += 1
+                dropped += len(sequence) - 1 - length
+                sequence = sequence[: length + 1]
+            fill = length + 1 - len(sequence)
+            xs.append(sequence[:-1] + [eos] * fill)
+            ys.append(sequence[1:] + [pad] * fill)
+        count = len(xs)
+        fields = {
+            "x": np.array(xs, dtype=self.dtype).reshape(count, length),
+            "y": np.array(ys, dtype=self.dtype).reshape(count, length),
+        }
+        counts = {"truncated_examples": truncated, "tokens": tokens, "dropped_tokens": dropped}
+        return fields, counts
+
+
+def tokenized_params(digest: str, eos_token: str, sequence_length: int) -> dict:
+    """The preprocessing parameters a tokenized next-word store records."""
+    return {
+        "task": "stackoverflow_nwp",
+        "tokenizer_sha256": digest,
+        "eos_token": eos_token,
+        "sequence_length": int(sequence_length),
+    }
+
+
 class TagPreprocessing:
     """TFF's tag-prediction ``to_ids`` for one client, kept as ids (see the module docstring).
 
@@ -477,7 +615,18 @@ class TagPreprocessing:
         return fields, counts
 
 
-Preprocessing = NextWordPreprocessing | TagPreprocessing
+Preprocessing = NextWordPreprocessing | TokenizedNextWordPreprocessing | TagPreprocessing
+
+
+def _vocabulary_digests(preprocessing: Preprocessing) -> dict[str, str]:
+    """The vocabularies' digests that identify a conversion beside its parameters
+    (a tokenizer's digest is already one of them)."""
+    if isinstance(preprocessing, TokenizedNextWordPreprocessing):
+        return {}
+    digests = {"vocabulary_sha256": _vocabulary_digest(preprocessing.vocabulary)}
+    if isinstance(preprocessing, TagPreprocessing):
+        digests["tag_vocabulary_sha256"] = _vocabulary_digest(preprocessing.tag_vocabulary)
+    return digests
 
 
 # ----------------------------------------------------------------------------- HDF5 clients
@@ -663,7 +812,8 @@ def write_stackoverflow_split(
     Args:
       path: the split's ``.h5`` file.
       directory: the store folder to create.
-      preprocessing: :class:`NextWordPreprocessing` or :class:`TagPreprocessing`.
+      preprocessing: :class:`NextWordPreprocessing`,
+        :class:`TokenizedNextWordPreprocessing` or :class:`TagPreprocessing`.
       expected: published counts; with ``strict`` a different client count
         fails before converting, and any mismatch after.
       strict: mismatches raise (True) or warn (False).
@@ -690,7 +840,7 @@ def write_stackoverflow_split(
             "bytes": stat.st_size,
             "mtime_ns": stat.st_mtime_ns,
             "preprocessing": preprocessing.params,
-            "vocabulary_sha256": _vocabulary_digest(preprocessing.vocabulary),
+            **_vocabulary_digests(preprocessing),
         }
 
     def clients(start: int) -> Iterator[StreamedClient]:
@@ -761,8 +911,19 @@ def sample_eval_examples(data: FederatedData, num_examples: int, seed: int = 0) 
 # ----------------------------------------------------------------------------- loading
 
 
-def store_name(task: str, **params: int) -> str:
-    """The store folder of ``task``: its name, plus every non-default parameter."""
+def store_name(task: str, *, tokenizer=None, **params: int) -> str:
+    """The store folder of ``task``: its name, plus every non-default parameter.
+
+    Tokenized next-word prediction (``tokenizer`` a ``tokenizers.Tokenizer``)
+    is ``stackoverflow_nwp_tok{digest}_seq{L}``
+    (:func:`fedjaxsim.data.text.text_store_suffix`), whatever ``L``: another
+    tokenizer or length is another folder, never the word ids'.
+    """
+    if tokenizer is not None:
+        if task != "stackoverflow_nwp":
+            raise ValueError(_TOKENIZER_TASK_MESSAGE.format(task=task))
+        length = params.get("sequence_length", DEFAULT_SEQUENCE_LENGTH)
+        return f"{task}_{text.text_store_suffix(tokenizer, length)}"
     defaults = {
         "stackoverflow_nwp": {
             "vocab_size": DEFAULT_VOCAB_SIZE,
@@ -811,8 +972,18 @@ def _fetch_extracted(
 
 
 def _preprocessing(
-    task: str, directory: Path, params: Mapping[str, int], download: bool, progress: bool
+    task: str,
+    directory: Path,
+    params: Mapping[str, int],
+    download: bool,
+    progress: bool,
+    tokenizer=None,
+    eos_token: str = text.DEFAULT_EOS_TOKEN,
 ) -> Preprocessing:
+    if tokenizer is not None:  # the tokenizer is the vocabulary: no word counts needed
+        return TokenizedNextWordPreprocessing(
+            tokenizer, params["sequence_length"], eos_token=eos_token
+        )
     word_counts = _fetch_extracted(
         WORD_COUNT_ARCHIVE, [WORD_COUNT_FILE], directory, download, progress
     )[WORD_COUNT_FILE]
@@ -855,10 +1026,8 @@ def _convert_split(
         "bytes": stat.st_size,
         "mtime_ns": stat.st_mtime_ns,
         "preprocessing": preprocessing.params,
-        "vocabulary_sha256": _vocabulary_digest(preprocessing.vocabulary),
+        **_vocabulary_digests(preprocessing),
     }
-    if isinstance(preprocessing, TagPreprocessing):
-        key["tag_vocabulary_sha256"] = _vocabulary_digest(preprocessing.tag_vocabulary)
     expected = PUBLISHED_FACTS[split]
     if _converted(target, key):
         from fedjaxsim.data.store import read_manifest
@@ -879,6 +1048,11 @@ def _convert_split(
             "split": split,
             "preprocessing": preprocessing.params,
             "source": {"file": path.name, "bytes": stat.st_size},
+            **(
+                {"tokenizer": preprocessing.describe()}
+                if isinstance(preprocessing, TokenizedNextWordPreprocessing)
+                else {}
+            ),
         },
         source_key=key,
         overwrite=True,
@@ -915,6 +1089,8 @@ def load_stackoverflow(
     max_words: int = DEFAULT_MAX_WORDS,
     max_tags: int = DEFAULT_MAX_TAGS,
     checkpoint_every: int = 1000,
+    tokenizer=None,
+    eos_token: str = text.DEFAULT_EOS_TOKEN,
 ) -> FederatedDataset:
     """Stack Overflow next-word or tag prediction, memory-mapped from fedjaxsim's cache.
 
@@ -929,7 +1105,9 @@ def load_stackoverflow(
     conversion resumes when called again (train takes tens of minutes on a
     2-core CPU). Later calls open the store without touching the HDF5 files.
     ``eval_split="held_out"`` converts the held-out split on first use into
-    ``<store>/held_out``.
+    ``<store>/held_out``. With ``tokenizer`` (next-word prediction only) the
+    sentences are tokenized instead (module docstring) into
+    ``stackoverflow_nwp_tok{digest}_seq{L}``, and no word counts are read.
 
     Args:
       task: ``"stackoverflow_nwp"`` or ``"stackoverflow_tp"`` (module docstring).
@@ -951,15 +1129,27 @@ def load_stackoverflow(
       max_words: tag prediction's word slots per example (64).
       max_tags: tag prediction's tag slots per example (5).
       checkpoint_every: clients between resumable checkpoints.
+      tokenizer: None for TFF's word ids; the path of a local Hugging Face
+        ``tokenizer.json`` (or a folder holding one, or a
+        ``tokenizers.Tokenizer``) tokenizes each sentence into a row of
+        ``sequence_length`` tokens, for fine-tuning a pretrained language
+        model. Next-word prediction only; ``vocab_size`` then does not apply.
+      eos_token: the end-of-text token of ``tokenizer``, before and after
+        each sentence.
 
     Returns:
       FederatedDataset ``stackoverflow_nwp`` (``x``, ``y`` uint16[N, L],
-      ``vocab_size + 4`` classes, :func:`nwp_task`) or ``stackoverflow_tp``
+      ``vocab_size + 4`` classes, :func:`nwp_task`; tokenized: the
+      tokenizer's vocabulary size as classes, ids uint16 where they fit,
+      :func:`fedjaxsim.data.text.next_token_task`) or ``stackoverflow_tp``
       (``x`` uint16[N, max_words], ``y`` uint16[N, max_tags],
       ``tag_vocab_size`` classes, :func:`tp_task`).
 
     Raises:
-      ValueError: a bad argument, or files that fail the checks (naming them).
+      ValueError: a bad argument, a tokenizer for tag prediction, a tokenizer
+        file that is not a tokenizer.json or lacks ``eos_token``, or files
+        that fail the checks (naming them).
+      FileNotFoundError: a missing tokenizer file.
       DatasetUnavailableError: files neither cached nor downloadable.
     """
     from fedjaxsim.data.store import (
@@ -976,7 +1166,23 @@ def load_stackoverflow(
     if test_examples is not None:
         _check_int("test_examples", test_examples, 1)
     _check_int("seed", seed, 0, 2**32 - 1)
-    if task == "stackoverflow_nwp":
+    if tokenizer is not None:
+        if task != "stackoverflow_nwp":
+            raise ValueError(_TOKENIZER_TASK_MESSAGE.format(task=task))
+        if vocab_size != DEFAULT_VOCAB_SIZE:
+            raise ValueError(
+                f"vocab_size={vocab_size} sizes TFF's word vocabulary; with a tokenizer the "
+                "vocabulary is the tokenizer's: leave vocab_size at its default"
+            )
+        _check_int("sequence_length", sequence_length, 1)
+        # Loaded (and its end-of-text token checked) before any file is fetched.
+        tokenizer = text.as_tokenizer(tokenizer)
+        text.eos_id(tokenizer, eos_token)
+        params = {"sequence_length": sequence_length}
+        stored_params = tokenized_params(
+            text.tokenizer_digest(tokenizer), eos_token, sequence_length
+        )
+    elif task == "stackoverflow_nwp":
         _check_int("vocab_size", vocab_size, 1, _UINT16_IDS - 4)
         _check_int("sequence_length", sequence_length, 1)
         params = {"vocab_size": vocab_size, "sequence_length": sequence_length}
@@ -991,11 +1197,14 @@ def load_stackoverflow(
             "max_words": max_words,
             "max_tags": max_tags,
         }
+    if tokenizer is None:
+        stored_params = {"task": task, **params}
     directory = downloads.resolve_data_dir(data_dir)
-    store = directory / store_name(task, **params)
+    store = directory / store_name(task, tokenizer=tokenizer, **params)
     options = {"strict": strict, "progress": progress, "checkpoint_every": checkpoint_every}
+    text_options = {"tokenizer": tokenizer, "eos_token": eos_token}
     if not (store / "dataset.json").is_file():
-        preprocessing = _preprocessing(task, directory, params, download, progress)
+        preprocessing = _preprocessing(task, directory, params, download, progress, **text_options)
         files = _fetch_extracted(
             ARCHIVE, [tff_filename(s) for s in ("train", "test")], directory, download, progress
         )
@@ -1016,12 +1225,14 @@ def load_stackoverflow(
         )
         replace_folder(building, store, overwrite=True)
     dataset = read_dataset(store)
-    _check_stored_params(store, {"task": task, **params})
+    _check_stored_params(store, stored_params)
     evaluation = dataset.test
     if eval_split == "held_out":
         held_out = store / "held_out"
         if not (held_out / "manifest.json").is_file():
-            preprocessing = _preprocessing(task, directory, params, download, progress)
+            preprocessing = _preprocessing(
+                task, directory, params, download, progress, **text_options
+            )
             name = tff_filename("held_out")
             path = _fetch_extracted(ARCHIVE, [name], directory, download, progress)[name]
             _convert_split("held_out", path, held_out, preprocessing, **options)

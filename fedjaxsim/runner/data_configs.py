@@ -304,10 +304,35 @@ class StackOverflowData:
     """Whether missing files may be downloaded."""
     strict: bool = True
     """Refuse files whose client and example counts differ from the published ones."""
+    sequence_length: int = 20
+    """stackoverflow_nwp: words per sentence row (TFF and Reddi et al. use 20), or tokens
+    per row with a tokenizer."""
+    tokenizer: str | None = None
+    """stackoverflow_nwp only. None: TFF's 10,000 word ids. A path: each sentence
+    tokenized with that local Hugging Face tokenizer.json (for fine-tuning a pretrained
+    language model; the runner fills in the model's own)."""
+    eos_token: str = DEFAULT_EOS_TOKEN
+    """End-of-text token of the tokenizer, before and after each sentence."""
 
     def check(self) -> None:
         if self.test_examples is not None:
             check_int("test_examples", self.test_examples, minimum=1)
+        check_int("sequence_length", self.sequence_length, minimum=1)
+        if self.name == "stackoverflow_nwp":
+            _check_tokenizer("tokenizer", self.tokenizer)
+            return
+        if self.tokenizer is not None:
+            raise InvalidArgument(
+                "tokenizer",
+                f"a tokenizer (tokenizer={self.tokenizer!r}, or a pretrained model's) applies "
+                f"to next-word prediction (stackoverflow_nwp) only; {self.name} keeps its bag "
+                "of words. Use --dataset stackoverflow_nwp to fine-tune a language model",
+            )
+        if self.sequence_length != 20:
+            raise InvalidArgument(
+                "sequence_length",
+                f"sequence_length applies to stackoverflow_nwp only; {self.name} has none",
+            )
 
     def population(self) -> int:
         from fedjaxsim.data.stackoverflow import PUBLISHED_FACTS
@@ -326,6 +351,15 @@ class StackOverflowData:
             download=self.download,
             progress=progress,
             strict=self.strict,
+            **(
+                {
+                    "sequence_length": self.sequence_length,
+                    "tokenizer": self.tokenizer,
+                    "eos_token": self.eos_token,
+                }
+                if self.name == "stackoverflow_nwp"
+                else {}
+            ),
         )
 
 
