@@ -4,12 +4,13 @@ on tiny files written here in TFF's published layouts (h5py, text, JSON)."""
 import json
 import re
 import tarfile
+from pathlib import Path
 
 import h5py
 import numpy as np
 import pytest
 
-from fedjaxsim.data import stackoverflow
+from fedjaxsim.data import stackoverflow, text
 from fedjaxsim.data.download import DatasetUnavailableError, RemoteFile, sha256_of
 from fedjaxsim.data.emnist import SplitFacts
 from fedjaxsim.data.formats import DataFormatError
@@ -27,6 +28,9 @@ from fedjaxsim.data.stackoverflow import (
     write_stackoverflow_split,
 )
 from fedjaxsim.data.store import read_federated_data, read_manifest
+from tests.data.benchmark_files import EOS_TOKEN, write_tiny_tokenizer
+
+TINY_GPT2 = Path(__file__).resolve().parents[1] / "fixtures" / "tiny_gpt2"
 
 # Most frequent first; the last two fall outside a vocabulary of 8.
 WORD_COUNTS = [
@@ -530,3 +534,196 @@ def test_an_interrupted_loader_resumes_to_the_same_store(so_dir, tmp_path, monke
         assert (store / "train" / file).read_bytes() == (
             fresh_dir / store.name / "train" / file
         ).read_bytes()
+
+
+# ----------------------------------------------------------------------------- tokenized
+
+
+@pytest.fixture(scope="module")
+def tokenizer_path(tmp_path_factory):
+    return write_tiny_tokenizer(tmp_path_factory.mktemp("tokenizer") / "tokenizer.json")
+
+
+TOKENIZED_LENGTH = 64  # longer than any tiny sentence's tokens: nothing is cut
+
+
+def reference_tokenized(tokenizer, sentences, length):
+    """text.pad_examples with the prompt [EOS] and the response ids + [EOS]."""
+    eos = text.eos_id(tokenizer)
+    ids = text.encode_texts(tokenizer, [s.decode() for s in sentences])
+    fields, truncated = text.pad_examples(
+        [[eos]] * len(ids), [i + [eos] for i in ids], length, text.vocab_size(tokenizer), eos
+    )
+    return fields, truncated
+
+
+def test_tokenized_next_word_rows_decode_to_the_sentences(so_dir, tokenizer_path, monkeypatch):
+    directory, splits = so_dir
+    (directory / "stackoverflow.word_count").unlink()  # the tokenizer is the vocabulary
+    tokenizer = text.load_tokenizer(tokenizer_path)
+    vocab = text.vocab_size(tokenizer)
+    options = {"data_dir": directory, "download": False, "progress": False}
+    dataset = load_stackoverflow(
+        tokenizer=str(tokenizer_path), sequence_length=TOKENIZED_LENGTH, **options
+    )
+    assert (dataset.name, dataset.num_classes) == ("stackoverflow_nwp", vocab)
+    assert dataset.input_shape == (TOKENIZED_LENGTH,)
+    assert dataset.task == text.next_token_task(tokenizer) and dataset.task.pad_id == vocab
+    digest = text.tokenizer_digest(tokenizer)
+    store = directory / f"stackoverflow_nwp_tok{digest[:16]}_seq{TOKENIZED_LENGTH}"
+    assert store.name == stackoverflow.store_name(
+        "stackoverflow_nwp", tokenizer=tokenizer, sequence_length=TOKENIZED_LENGTH
+    )
+    assert (store / "dataset.json").is_file()
+    assert not (directory / "stackoverflow_nwp").exists()
+    manifest = read_manifest(store / "train")
+    assert manifest["metadata"]["tokenizer"]["sha256"] == digest
+    assert manifest["metadata"]["tokenizer"]["eos_token"] == EOS_TOKEN
+    assert manifest["metadata"]["counts"]["truncated_examples"] == 0
+    for split, data in (("train", dataset.train), ("test", dataset.test)):
+        clients = splits[split]
+        assert list(data.client_names) == sorted(clients)
+        assert data.fields["x"].dtype == np.uint16  # the tiny vocabulary fits
+        sentences = [s for c in sorted(clients) for s in clients[c]["tokens"]]
+        expected, _ = reference_tokenized(tokenizer, sentences, TOKENIZED_LENGTH)
+        np.testing.assert_array_equal(data.fields["x"], expected["x"])
+        np.testing.assert_array_equal(data.fields["y"], expected["y"])
+        for index, name in enumerate(data.client_names):
+            targets = text.real_targets(data.client(index)["y"], vocab).tolist()
+            decoded = tokenizer.decode(targets, skip_special_tokens=False)
+            assert decoded == "".join(s.decode() + EOS_TOKEN for s in clients[name]["tokens"])
+
+    # The evaluation sample is drawn as for the word ids (TFF's shuffled clients).
+    held = load_stackoverflow(
+        tokenizer=tokenizer_path,
+        sequence_length=TOKENIZED_LENGTH,
+        eval_split="held_out",
+        test_examples=7,
+        seed=3,
+        **options,
+    )
+    order = sorted(splits["held_out"])
+    np.random.RandomState(3).shuffle(order)
+    sentences = [s for c in order for s in splits["held_out"][c]["tokens"]][:7]
+    expected, _ = reference_tokenized(tokenizer, sentences, TOKENIZED_LENGTH)
+    np.testing.assert_array_equal(held.test.fields["x"], expected["x"])
+    assert (store / "held_out" / "manifest.json").is_file()
+
+    # A second load reads the store, never the HDF5 files.
+    for path in directory.glob("stackoverflow_*.h5"):
+        path.unlink()
+
+    def no_h5(path):
+        raise AssertionError(f"{path} was opened")
+
+    monkeypatch.setattr(stackoverflow, "_examples_group", no_h5)
+    again = load_stackoverflow(tokenizer=tokenizer, sequence_length=TOKENIZED_LENGTH, **options)
+    assert isinstance(again.train.fields["y"], np.memmap)
+    np.testing.assert_array_equal(again.train.fields["y"], dataset.train.fields["y"])
+    assert again.task == dataset.task and again.num_classes == vocab
+    # Another tokenizer, or another length, is another store, never this one.
+    other = write_tiny_tokenizer(directory.parent / "other.json", vocab_size=300)
+    for tokenized in (
+        {"tokenizer": other, "sequence_length": TOKENIZED_LENGTH},
+        {"tokenizer": tokenizer_path, "sequence_length": 32},
+    ):
+        with pytest.raises(DatasetUnavailableError, match="stackoverflow.tar.bz2"):
+            load_stackoverflow(**tokenized, **options)
+
+
+def test_tokenized_rows_are_cut_counted_and_resume(so_dir, tokenizer_path, monkeypatch):
+    directory, splits = so_dir
+    tokenizer = text.load_tokenizer(tokenizer_path)
+    convert = stackoverflow._convert_client
+    calls = []
+    resumed_once = False
+
+    def interrupted(*args):
+        calls.append(args[1])
+        if len(calls) == 4 and not resumed_once:
+            raise KeyboardInterrupt
+        return convert(*args)
+
+    monkeypatch.setattr(stackoverflow, "_convert_client", interrupted)
+    options = {
+        "data_dir": directory,
+        "download": False,
+        "progress": False,
+        "checkpoint_every": 2,
+        "tokenizer": tokenizer_path,
+        "sequence_length": 4,
+    }
+    with pytest.raises(KeyboardInterrupt):
+        load_stackoverflow(**options)
+    calls.clear()
+    resumed_once = True
+    resumed = load_stackoverflow(**options)
+    train = splits["train"]
+    assert calls[0] == sorted(train)[2]  # clients 0-1 were checkpointed
+    sentences = [s for c in sorted(train) for s in train[c]["tokens"]]
+    expected, truncated = reference_tokenized(tokenizer, sentences, 4)
+    np.testing.assert_array_equal(resumed.train.fields["x"], expected["x"])
+    np.testing.assert_array_equal(resumed.train.fields["y"], expected["y"])
+    store = directory / stackoverflow.store_name(
+        "stackoverflow_nwp", tokenizer=tokenizer, sequence_length=4
+    )
+    counts = read_manifest(store / "train")["metadata"]["counts"]
+    assert counts["truncated_examples"] == int(truncated.sum()) > 0
+    # Every row keeps its sentence: the published example counts hold.
+    assert resumed.train.total_examples == len(sentences)
+
+
+def test_a_tokenizer_applies_to_next_word_prediction_only(so_dir, tokenizer_path):
+    directory, _ = so_dir
+    options = {"data_dir": directory, "download": False, "progress": False}
+    with pytest.raises(ValueError, match=r"next-word prediction \(stackoverflow_nwp\) only"):
+        load_stackoverflow("stackoverflow_tp", tokenizer=tokenizer_path, **options)
+    with pytest.raises(ValueError, match="vocab_size=8 sizes TFF's word vocabulary"):
+        load_stackoverflow(tokenizer=tokenizer_path, vocab_size=8, **options)
+    with pytest.raises(ValueError, match="no end-of-text token '<eos>'"):
+        load_stackoverflow(tokenizer=tokenizer_path, eos_token="<eos>", **options)
+    with pytest.raises(FileNotFoundError, match="absent.json does not exist"):
+        load_stackoverflow(tokenizer=directory / "absent.json", **options)
+    assert not any(p.name.startswith("stackoverflow_nwp_tok") for p in directory.iterdir())
+
+
+def test_config_keys_reach_the_loader(tokenizer_path, monkeypatch):
+    from fedjaxsim.runner.config import ConfigError, config_from_dict, parse_run_arguments, resolve
+
+    parsed = config_from_dict(
+        {
+            "data": {
+                "name": "stackoverflow_nwp",
+                "tokenizer": str(tokenizer_path),
+                "eos_token": "<|endoftext|>",
+                "sequence_length": 48,
+            }
+        }
+    ).data
+    flags, _ = parse_run_arguments(
+        ["--dataset", "stackoverflow_nwp", "--data.tokenizer", str(tokenizer_path)]
+        + ["--data.sequence-length", "48"]
+    )
+    assert flags.data == parsed
+    assert (parsed.tokenizer, parsed.sequence_length) == (str(tokenizer_path), 48)
+    seen = {}
+    monkeypatch.setattr(stackoverflow, "load_stackoverflow", lambda *a, **k: seen.update(k))
+    parsed.load(seed=0, progress=False)
+    assert (seen["tokenizer"], seen["eos_token"], seen["sequence_length"]) == (
+        str(tokenizer_path),
+        EOS_TOKEN,
+        48,
+    )
+    # Tag prediction: a tokenizer, the runner's from a pretrained model, is refused by name.
+    with pytest.raises(ConfigError) as error:
+        resolve(config_from_dict({"data": {"name": "stackoverflow_tp", "tokenizer": "x"}}))
+    assert error.value.key == "data.tokenizer" and "stackoverflow_nwp" in str(error.value)
+    gpt2 = {"name": "gpt2", "checkpoint": str(TINY_GPT2)}
+    nwp = resolve(config_from_dict({"data": {"name": "stackoverflow_nwp"}, "model": gpt2}))
+    assert nwp.data.tokenizer == str(TINY_GPT2)
+    with pytest.raises(ConfigError, match="next-word prediction") as error:
+        resolve(config_from_dict({"data": {"name": "stackoverflow_tp"}, "model": gpt2}))
+    assert error.value.key == "data.tokenizer"
+    with pytest.raises(ConfigError) as error:
+        resolve(config_from_dict({"data": {"name": "stackoverflow_nwp", "tokenizer": "absent"}}))
+    assert error.value.key == "data.tokenizer" and "does not exist" in str(error.value)
