@@ -1,4 +1,5 @@
-"""Command line: ``fedjaxsim run``, ``plot``, ``predict``, ``evaluate`` and ``data inspect``.
+"""Command line: ``fedjaxsim run``, ``plot``, ``predict``, ``evaluate``, ``generate`` and
+``data inspect``.
 
 ``fedjaxsim run --help`` lists every config key as a flag; see
 :mod:`fedjaxsim.runner.config`.
@@ -18,12 +19,14 @@ USAGE = """usage: fedjaxsim run [--config FILE.yaml] [--resume] [--quiet] [--KEY
        fedjaxsim plot DIR [DIR ...] --output FILE.png
        fedjaxsim predict RUN_DIR INPUT [INPUT ...] [--json] [--invert]
        fedjaxsim evaluate RUN_DIR [--split {test,train}] [--per-client] [--json]
+       fedjaxsim generate RUN_DIR [--prompt TEXT] [--max-new-tokens N] [--greedy] [--json]
        fedjaxsim data inspect [--dataset NAME] [--data.KEY VALUE ...] --output FILE.png
 
   run       run (or resume) a federated experiment; `fedjaxsim run --help` lists the keys
   plot      accuracy and loss against rounds and wall time, several runs side by side
   predict   the class and its probability for images (PNG, JPEG) or .npy arrays
   evaluate  re-evaluate a saved run's latest checkpoint
+  generate  continue a prompt with a fine-tuned language model (a --model gpt2 run)
   data      `data inspect`: a picture and a summary of a federated dataset
 """
 
@@ -135,6 +138,44 @@ def _evaluate(argv: list[str]) -> int:
     return 0
 
 
+def _generate(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(
+        prog="fedjaxsim generate",
+        description="Continues a prompt with the latest checkpoint of a fine-tuned language "
+        "model (a `fedjaxsim run --model gpt2` output folder), by sampling or greedily.",
+    )
+    parser.add_argument("run_dir", metavar="RUN_DIR", help="output folder of `fedjaxsim run`")
+    parser.add_argument("--prompt", default="", help="text to continue (default: none)")
+    parser.add_argument("--max-new-tokens", type=int, default=50)
+    parser.add_argument("--greedy", action="store_true", help="the most likely token each step")
+    parser.add_argument("--temperature", type=float, default=1.0)
+    parser.add_argument("--top-k", type=int, default=None, help="sample among the k most likely")
+    parser.add_argument("--seed", type=int, default=0, help="the sampling seed")
+    parser.add_argument("--json", action="store_true", help="print the result as JSON")
+    arguments = parser.parse_args(argv)
+    from fedjaxsim.runner.config import ConfigError
+    from fedjaxsim.runner.predict import RunError, generate_text, load_run
+
+    try:
+        result = generate_text(
+            load_run(arguments.run_dir),
+            arguments.prompt,
+            arguments.max_new_tokens,
+            greedy=arguments.greedy,
+            temperature=arguments.temperature,
+            top_k=arguments.top_k,
+            seed=arguments.seed,
+        )
+    except (RunError, ConfigError, FileNotFoundError, ValueError) as error:
+        print(f"fedjaxsim generate: {error}", file=sys.stderr)
+        return 2
+    if arguments.json:
+        print(json.dumps(result))
+    else:
+        print(arguments.prompt + result["continuation"])
+    return 0
+
+
 def _data(argv: list[str]) -> int:
     if not argv or argv[0] != "inspect":
         print(
@@ -182,7 +223,7 @@ def main(argv: list[str] | None = None) -> int:
         return _run(rest)
     if command == "plot":
         return _plot(rest)
-    commands = {"predict": _predict, "evaluate": _evaluate, "data": _data}
+    commands = {"predict": _predict, "evaluate": _evaluate, "generate": _generate, "data": _data}
     if command in commands:
         return commands[command](rest)
     print(f"fedjaxsim: unknown command {command!r}\n\n{USAGE}", file=sys.stderr)

@@ -286,3 +286,67 @@ def evaluate_run(run: TrainedRun, split: str = "test", per_client: bool = False)
         evaluate = build_per_client_eval(run.apply, config.evaluation.per_client_chunk, task)
         result.update(per_client_record(jax.device_get(evaluate(run.params, packed)), task))
     return result
+
+
+def generate_text(
+    run: TrainedRun,
+    prompt: str,
+    max_new_tokens: int,
+    *,
+    greedy: bool = False,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    seed: int = 0,
+) -> dict:
+    """Continues ``prompt`` with a fine-tuned language model of ``run``.
+
+    The prompt is tokenized with the run's own tokenizer (the data's, which
+    is the checkpoint's ``tokenizer.json``); an empty prompt starts from the
+    end-of-text token, as GPT-2 was trained to start documents.
+
+    Returns:
+      ``{"prompt", "continuation", "tokens"}``: the continuation decoded, and
+      the ids of prompt and continuation.
+
+    Raises:
+      RunError: the run is not a pretrained language model, or the prompt
+        and the new tokens do not fit the model's positions.
+    """
+    from fedjaxsim.data.text import DEFAULT_EOS_TOKEN, eos_id, load_tokenizer
+    from fedjaxsim.models.gpt2 import PretrainedLM, generate, read_gpt2_config
+    from fedjaxsim.models.model import Model
+
+    config = run.config
+    if not config.model.pretrained:
+        raise RunError(
+            f"{run.folder} trained the built-in model {config.model.name!r}; generate "
+            "continues text with a fine-tuned language model (fedjaxsim run --model gpt2)"
+        )
+    tokenizer_path = getattr(config.data, "tokenizer", None) or config.model.checkpoint
+    tokenizer = load_tokenizer(tokenizer_path)
+    eos_token = getattr(config.data, "eos_token", DEFAULT_EOS_TOKEN)
+    ids = tokenizer.encode(prompt, add_special_tokens=False).ids or [eos_id(tokenizer, eos_token)]
+    lm_config = read_gpt2_config(config.model.folder)
+    if len(ids) + max_new_tokens > lm_config.n_positions:
+        raise RunError(
+            f"the prompt is {len(ids)} tokens; with {max_new_tokens} new tokens that passes "
+            f"the model's {lm_config.n_positions} positions: shorten the prompt or lower "
+            "--max-new-tokens"
+        )
+    lm = PretrainedLM(Model(lambda *_: run.params, run.apply), lm_config, {}, {})
+    tokens = generate(
+        lm,
+        run.params,
+        np.asarray([ids], np.int32),
+        max_new_tokens,
+        rng=None if greedy else jax.random.key(seed),
+        temperature=temperature,
+        top_k=top_k,
+        greedy=greedy,
+    )
+    new = [int(token) for token in np.asarray(tokens)[0, len(ids) :]]
+    return {
+        "prompt": prompt,
+        "continuation": tokenizer.decode(new, skip_special_tokens=False),
+        "tokens": [int(token) for token in np.asarray(tokens)[0]],
+    }

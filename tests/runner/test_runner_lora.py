@@ -182,3 +182,29 @@ def test_the_preset_without_a_local_checkpoint_names_the_flag(tmp_path, monkeypa
     config = validate(load_config(PRESET))
     assert (config.model.lora_rank, config.model.lora_alpha) == (4, 32.0)
     assert config.model.lora_targets == ("attn.c_attn",)
+
+
+def test_generate_continues_a_prompt_with_the_fine_tuned_model(straight_run, capsys):
+    from fedjaxsim.data.text import load_tokenizer
+
+    arguments = ["generate", str(straight_run), "--prompt", "To be or", "--max-new-tokens", "6"]
+    assert main([*arguments, "--greedy", "--json"]) == 0
+    greedy = json.loads(capsys.readouterr().out)
+    tokenizer = load_tokenizer(FIXTURE)
+    prompt_ids = tokenizer.encode("To be or", add_special_tokens=False).ids
+    assert greedy["tokens"][: len(prompt_ids)] == prompt_ids
+    assert len(greedy["tokens"]) == len(prompt_ids) + 6
+    new = greedy["tokens"][len(prompt_ids) :]
+    assert greedy["continuation"] == tokenizer.decode(new, skip_special_tokens=False)
+    # The first new token is the fine-tuned model's most likely next token.
+    run = load_run(straight_run)
+    logits = run.apply(run.params, np.asarray([prompt_ids], np.int32), None, False)
+    assert new[0] == int(np.argmax(np.asarray(logits)[0, -1]))
+    # Sampling is a pure function of the seed.
+    sampled = []
+    for _ in range(2):
+        assert main([*arguments, "--seed", "3", "--top-k", "20", "--json"]) == 0
+        sampled.append(json.loads(capsys.readouterr().out)["tokens"])
+    assert sampled[0] == sampled[1]
+    assert main([*arguments, "--max-new-tokens", "100"]) == 2
+    assert "positions" in capsys.readouterr().err
