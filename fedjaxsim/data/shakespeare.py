@@ -181,16 +181,7 @@ def preprocess_snippets(snippets: Sequence[bytes], sequence_length: int) -> dict
 
 def _snippet_texts(snippets: Sequence[bytes]) -> list[str]:
     """The snippets as text (UTF-8), the empty ones left out."""
-    texts = []
-    for index, snippet in enumerate(snippets):
-        try:
-            texts.append(snippet.decode("utf-8"))
-        except UnicodeDecodeError as error:
-            raise InvalidClient(
-                "bad text",
-                f"has snippet {index} that is not UTF-8 ({error}); a tokenizer reads text",
-            ) from error
-    return [t for t in texts if t]
+    return [snippet for snippet in text.decode_utf8(snippets, "snippet") if snippet]
 
 
 def tokenize_snippets(

@@ -457,15 +457,7 @@ class TokenizedNextWordPreprocessing:
         Raises:
           InvalidClient: a sentence that is not UTF-8.
         """
-        sentences = []
-        for index, sentence in enumerate(columns["tokens"]):
-            try:
-                sentences.append(sentence.decode("utf-8"))
-            except UnicodeDecodeError as error:
-                raise InvalidClient(
-                    "bad text",
-                    f"has sentence {index} that is not UTF-8 ({error}); a tokenizer reads text",
-                ) from error
+        sentences = text.decode_utf8(columns["tokens"], "sentence")
         length, eos, pad = self.sequence_length, self.eos_id, self.pad_id
         xs, ys = [], []
         truncated = tokens = dropped = 0

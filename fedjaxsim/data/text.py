@@ -40,6 +40,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from fedjaxsim.core.tasks import Task
+from fedjaxsim.data.validation import InvalidClient
 
 if TYPE_CHECKING:  # the optional dependency is imported lazily
     from tokenizers import Tokenizer
@@ -148,6 +149,25 @@ def input_pad_id(tokenizer: Tokenizer, eos_token: str = DEFAULT_EOS_TOKEN) -> in
     """The id padding inputs: the end-of-text token's, or 0 if the tokenizer has none."""
     token_id = tokenizer.token_to_id(eos_token)
     return 0 if token_id is None else int(token_id)
+
+
+def decode_utf8(values: Sequence[bytes], what: str) -> list[str]:
+    """Each of a client's byte strings as text, for a tokenizer to read.
+
+    Raises:
+      InvalidClient: naming the first ``what`` (e.g. ``"snippet"``) that is not
+        UTF-8.
+    """
+    texts = []
+    for index, value in enumerate(values):
+        try:
+            texts.append(value.decode("utf-8"))
+        except UnicodeDecodeError as error:
+            raise InvalidClient(
+                "bad text",
+                f"has {what} {index} that is not UTF-8 ({error}); a tokenizer reads text",
+            ) from error
+    return texts
 
 
 def encode_texts(tokenizer: Tokenizer, texts: Sequence[str]) -> list[list[int]]:

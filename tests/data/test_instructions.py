@@ -27,19 +27,9 @@ from fedjaxsim.runner.config import (
     validate,
 )
 from fedjaxsim.runner.data_configs import InstructionData, ShakespeareData
-from tests.data.benchmark_files import EOS_TOKEN, write_tiny_tokenizer
+from tests.data.benchmark_files import EOS_TOKEN
 
 CATEGORIES = ("poetry", "math", "code")
-
-
-@pytest.fixture(scope="session")
-def tokenizer_path(tmp_path_factory):
-    return write_tiny_tokenizer(tmp_path_factory.mktemp("tokenizer") / "tokenizer.json")
-
-
-@pytest.fixture(scope="session")
-def tokenizer(tokenizer_path):
-    return text.load_tokenizer(tokenizer_path)
 
 
 def make_records(count, users=(5, 1, 3, 2), seed=0):

@@ -381,11 +381,6 @@ def test_offline_load_names_the_missing_file_or_folder(tmp_path, monkeypatch):
 # ----------------------------------------------------------------------------- re-tokenized
 
 
-@pytest.fixture(scope="module")
-def tokenizer_path(tmp_path_factory):
-    return write_tiny_tokenizer(tmp_path_factory.mktemp("tokenizer") / "tokenizer.json")
-
-
 def test_load_re_tokenized_caches_under_the_tokenizer_digest(tmp_path, monkeypatch, tokenizer_path):
     from fedjaxsim.data import text
 

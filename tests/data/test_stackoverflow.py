@@ -539,11 +539,6 @@ def test_an_interrupted_loader_resumes_to_the_same_store(so_dir, tmp_path, monke
 # ----------------------------------------------------------------------------- tokenized
 
 
-@pytest.fixture(scope="module")
-def tokenizer_path(tmp_path_factory):
-    return write_tiny_tokenizer(tmp_path_factory.mktemp("tokenizer") / "tokenizer.json")
-
-
 TOKENIZED_LENGTH = 64  # longer than any tiny sentence's tokens: nothing is cut
 
 

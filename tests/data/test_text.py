@@ -25,16 +25,6 @@ from tests.data.benchmark_files import (
 TINY_GPT2 = Path(__file__).resolve().parents[1] / "fixtures" / "tiny_gpt2" / "tokenizer.json"
 
 
-@pytest.fixture(scope="session")
-def tokenizer_path(tmp_path_factory):
-    return write_tiny_tokenizer(tmp_path_factory.mktemp("tokenizer") / "tokenizer.json")
-
-
-@pytest.fixture(scope="session")
-def tokenizer(tokenizer_path):
-    return text.load_tokenizer(tokenizer_path)
-
-
 # ----------------------------------------------------------------------------- packing
 
 
