@@ -24,6 +24,42 @@ def as_float_pixels(x):
     return x.astype(jnp.float32)
 
 
+class PackedDropout(nn.Module):
+    """``flax.linen.Dropout`` that packs many keep decisions into one random word.
+
+    Each element is kept with probability ``1 - rate`` (and scaled by its
+    inverse) independently, as in ``nn.Dropout``, but it is decided by a
+    ``k``-bit field of a 32-bit threefry output, ``k`` the fewest bits (1, 2,
+    4 or 8) that give ``1 - rate`` exactly: 1 bit for rate 0.5, 2 for 0.25. So
+    one threefry word decides 16 or 32 elements instead of one. JAX lowers
+    threefry on CPU as a rolled loop, and dropout's random bits were about a
+    fifth of the EMNIST CNN's step with oneDNN convolutions
+    (benchmarks/RESULTS.md). Rates that are not multiples of 1/256 use
+    ``nn.Dropout``.
+    """
+
+    rate: float
+    deterministic: bool = False
+
+    @nn.compact
+    def __call__(self, inputs):
+        if self.deterministic or self.rate == 0.0:
+            return inputs
+        keep_probability = 1.0 - self.rate
+        bits = next((k for k in (1, 2, 4, 8) if (keep_probability * 2**k).is_integer()), None)
+        if bits is None:
+            return nn.Dropout(self.rate, deterministic=False)(inputs)
+        per_word = 32 // bits
+        words = jax.random.bits(
+            self.make_rng("dropout"), (-(-inputs.size // per_word),), jnp.uint32
+        )
+        shifts = jnp.arange(0, 32, bits, dtype=jnp.uint32)
+        fields = (words[:, None] >> shifts) & jnp.uint32(2**bits - 1)
+        fields = fields.reshape(-1)[: inputs.size].reshape(inputs.shape)
+        keep = fields < jnp.uint32(keep_probability * 2**bits)
+        return jnp.where(keep, inputs / keep_probability, jnp.zeros_like(inputs))
+
+
 class EmnistCnn(nn.Module):
     """conv 32 3x3 VALID, ReLU, conv 64 3x3 VALID, ReLU, max-pool 2x2,
     dropout 0.25, dense 128, ReLU, dropout 0.5, dense ``num_classes``.
@@ -35,6 +71,16 @@ class EmnistCnn(nn.Module):
     num_classes: int = 62
     lowering: str = "patches"  # of the convolutions: "patches", "lax" or "onednn"
     cpu_gradients: bool = False  # gradients as plain dots (models/dense.py)
+    # PackedDropout instead of nn.Dropout (same distribution, other draws); None:
+    # with the onednn lowering, the CPU-speed form, whose draws nothing relies on yet.
+    packed_dropout: bool | None = None
+
+    @property
+    def dropout(self):
+        packed = self.packed_dropout
+        if packed is None:
+            packed = self.lowering == "onednn"
+        return PackedDropout if packed else nn.Dropout
 
     @nn.compact
     def __call__(self, x, train: bool = False):
@@ -49,10 +95,10 @@ class EmnistCnn(nn.Module):
         x = nn.relu(Conv(32, **conv)(x))
         x = nn.relu(Conv(64, **conv)(x))
         x = max_pool_2x2(x)
-        x = nn.Dropout(0.25, deterministic=not train)(x)
+        x = self.dropout(0.25, deterministic=not train)(x)
         x = x.reshape(x.shape[0], -1)
         x = nn.relu(Dense(128, cpu_gradients)(x))
-        x = nn.Dropout(0.5, deterministic=not train)(x)
+        x = self.dropout(0.5, deterministic=not train)(x)
         return Dense(self.num_classes, cpu_gradients)(x)
 
 

@@ -254,3 +254,39 @@ def test_uint8_pixels_are_scaled_like_float_pixels(digits_cnn):
         digits_cnn.apply(params, as_float, None, False),
         atol=1e-6,
     )
+
+
+@pytest.mark.parametrize("rate", [0.25, 0.5, 0.75])
+def test_packed_dropout_keeps_each_element_independently_with_the_right_rate(rate):
+    """Bernoulli(1 - rate) keeps, scaled by 1 / (1 - rate): the mean, and the
+    co-occurrence of neighbours that share a random word, match independence."""
+    from fedjaxsim.models.zoo import PackedDropout
+
+    inputs = jnp.ones((64, 100, 50))  # 320,000 elements
+    outputs = PackedDropout(rate).apply({}, inputs, rngs={"dropout": jax.random.key(3)})
+    keep = np.asarray(outputs != 0).reshape(-1)
+    np.testing.assert_allclose(np.unique(np.asarray(outputs)), [0.0, 1 / (1 - rate)], rtol=1e-6)
+    p, n = 1 - rate, keep.size
+    assert abs(keep.mean() - p) < 5 * np.sqrt(p * (1 - p) / n)
+    for lag in (1, 2, 15, 16, 31, 32):  # fields of one word, and of the next
+        joint = np.mean(keep[:-lag] & keep[lag:])
+        assert abs(joint - p * p) < 5 * np.sqrt(p * p * (1 - p * p) / n), lag
+    other_key = PackedDropout(rate).apply({}, inputs, rngs={"dropout": jax.random.key(4)})
+    assert not np.array_equal(outputs, other_key)
+
+
+def test_packed_dropout_passes_through_and_falls_back():
+    from fedjaxsim.models.zoo import EmnistCnn, PackedDropout
+
+    inputs = jnp.arange(1.0, 301.0).reshape(3, 100)
+    same = PackedDropout(0.5, deterministic=True).apply({}, inputs)
+    np.testing.assert_array_equal(same, inputs)
+    # A rate that is not a multiple of 1/256 uses nn.Dropout: 0.3 still drops 30%.
+    big = jnp.ones((400, 500))
+    odd_rate = PackedDropout(0.3).apply({}, big, rngs={"dropout": jax.random.key(0)})
+    np.testing.assert_allclose(np.unique(np.asarray(odd_rate)), [0.0, 1 / 0.7], rtol=1e-6)
+    assert abs(float(jnp.mean(odd_rate == 0)) - 0.3) < 0.005
+    # The default (patches) CNN keeps flax's dropout draws; the oneDNN form packs them.
+    assert EmnistCnn(lowering="patches").dropout is nn.Dropout
+    assert EmnistCnn(lowering="onednn").dropout is PackedDropout
+    assert EmnistCnn(lowering="patches", packed_dropout=True).dropout is PackedDropout
