@@ -325,10 +325,13 @@ def main(argv=None):
     runs = {}
     for name in engine_plans:
         # "onednn" or "onednn_tN": the default plan with oneDNN convolutions (N OpenMP
-        # threads a call; the variable is read while the round is traced, here).
+        # threads a call, 0 OpenMP's default; the variable is read while the round is
+        # traced, here; unset, the cores are split among the devices).
         lowering, _, threads = name.partition("_t")
         if lowering == "onednn":
-            os.environ["FEDJAXSIM_ONEDNN_THREADS"] = threads or "0"
+            os.environ.pop("FEDJAXSIM_ONEDNN_THREADS", None)
+            if threads:
+                os.environ["FEDJAXSIM_ONEDNN_THREADS"] = threads
             default = throughput.named_plans(["default"], host_devices)["default"]
             layout = default._replace(lowering="onednn")
         else:

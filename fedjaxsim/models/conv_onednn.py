@@ -16,7 +16,9 @@ oneDNN is found at ``$ONEDNN_ROOT``, else in the Python prefix (where the
 lowering instead, which computes the same function.
 
 ``$FEDJAXSIM_ONEDNN_THREADS`` sets the OpenMP threads of each call (read when
-a function is traced); unset or 0 keeps OpenMP's default, one per core.
+a function is traced; 0 keeps OpenMP's default, one per core); unset, the
+usable cores are split among the host's CPU devices, so two devices on two
+cores take one thread each and never oversubscribe the cores.
 """
 
 from __future__ import annotations
@@ -273,7 +275,15 @@ def unavailable_reason() -> str | None:
 
 
 def _threads() -> np.int64:
-    return np.int64(int(os.environ.get("FEDJAXSIM_ONEDNN_THREADS", "0")))
+    """OpenMP threads a call: ``$FEDJAXSIM_ONEDNN_THREADS``, else the usable cores
+    split among the CPU devices (each device's program calls oneDNN on its own)."""
+    if os.environ.get("FEDJAXSIM_ONEDNN_THREADS"):
+        return np.int64(int(os.environ["FEDJAXSIM_ONEDNN_THREADS"]))
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        cores = os.cpu_count() or 1
+    return np.int64(max(1, cores // jax.local_device_count()))
 
 
 def _call(target, outputs, *operands):
