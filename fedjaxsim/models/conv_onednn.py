@@ -1,9 +1,9 @@
 """An optional oneDNN convolution for XLA:CPU, through ``jax.ffi``.
 
 oneDNN's direct convolutions (the kernels behind PyTorch's CPU convolutions)
-train the EMNIST CNN about twice as fast per step as the patch lowering on
-XLA:CPU, and unlike XLA's own convolution they keep that speed inside the
-engine's loops (benchmarks/RESULTS.md). This module compiles a small C++ FFI
+train the EMNIST CNN faster than the patch lowering on XLA:CPU, and unlike
+XLA's own convolution they keep their speed inside the engine's loops
+(benchmarks/RESULTS.md has the figures). This module compiles a small C++ FFI
 library against oneDNN 3.x on first use, into ``~/.cache/fedjaxsim`` (or
 ``$XDG_CACHE_HOME/fedjaxsim``), and registers three FFI targets: forward,
 backward-data and backward-weights-and-bias, joined by a ``custom_vjp``.
@@ -105,8 +105,8 @@ struct BackwardWeights {
       primitive(pd), weights(pd.diff_weights_desc(), cpu_engine()) {}
 };
 
-// Primitives are created once per shape and calling thread (XLA:CPU runs a
-// device's program on one thread at a time, so nothing is shared).
+// Primitives are created once per shape and calling thread: thread-local
+// caches need no lock when several devices' programs call in at once.
 template <typename T>
 static T& cached(const Key& key) {
   thread_local std::map<Key, std::unique_ptr<T>> cache;

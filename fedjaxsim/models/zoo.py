@@ -32,8 +32,8 @@ class PackedDropout(nn.Module):
     ``k``-bit field of a 32-bit threefry output, ``k`` the fewest bits (1, 2,
     4 or 8) that give ``1 - rate`` exactly: 1 bit for rate 0.5, 2 for 0.25. So
     one threefry word decides 16 or 32 elements instead of one. JAX lowers
-    threefry on CPU as a rolled loop, and dropout's random bits were about a
-    fifth of the EMNIST CNN's step with oneDNN convolutions
+    threefry on CPU as a rolled loop, and with oneDNN convolutions dropout's
+    random bits were a large part of the EMNIST CNN's step
     (benchmarks/RESULTS.md). Rates that are not multiples of 1/256 use
     ``nn.Dropout``.
     """
