@@ -98,3 +98,5 @@ def test_unavailable_reason_names_the_missing_piece(monkeypatch, tmp_path):
     monkeypatch.setenv("ONEDNN_ROOT", str(tmp_path))
     monkeypatch.setattr(conv_onednn.sys, "prefix", str(tmp_path))
     assert conv_onednn.onednn_root() is None
+    if jax.default_backend() == "cpu":  # the uncached loader, in this environment
+        assert "oneDNN not found" in conv_onednn._load.__wrapped__()
