@@ -44,13 +44,22 @@ MODEL_NAMES = (
 
 
 def default_lowering(backend: str | None = None) -> str:
-    """The measured default convolution lowering: patches, on CPU and GPU alike.
+    """The measured default convolution lowering.
 
-    XLA's convolution gradient is slow inside a loop on XLA:CPU, and vmap over
-    per-client kernels makes grouped convolutions, slower than the patches on
-    both CPU and GPU (benchmarks/RESULTS.md). TPUs were not measured.
+    On CPU, oneDNN's convolution (``"onednn"``) where oneDNN can be loaded
+    (``pip install "fedjaxsim[onednn]"`` and a C++ compiler): with it the CNN
+    trains 1.2-1.75x as fast as the fastest PyTorch CPU loop of the same
+    model, and the patches 0.8-0.94x (benchmarks/RESULTS.md, issue 18).
+    Elsewhere the patches: XLA's convolution gradient is slow inside a loop
+    on XLA:CPU, and vmap over per-client kernels makes grouped convolutions,
+    slower than the patches on both CPU and GPU. TPUs were not measured.
     """
-    del backend
+    backend = jax.default_backend() if backend is None else backend
+    if backend == "cpu" and jax.default_backend() == "cpu":
+        from fedjaxsim.models import conv_onednn
+
+        if conv_onednn.available():
+            return "onednn"
     return "patches"
 
 
@@ -80,7 +89,7 @@ def get_model(
         ``"auto"`` (:func:`default_lowering`). Every lowering computes the
         same function of the same parameters; only speed differs.
       backend: the backend the model will run on (default: JAX's default
-        backend). On CPU with the patches lowering, the dense and patch
+        backend). On CPU with the patches or onednn lowering, the dense and patch
         layers take their weight gradients from plain dots
         (``models/dense.py``); the lax lowering is plain XLA throughout, the
         baseline the benchmarks compare against.
@@ -94,7 +103,7 @@ def get_model(
     if not isinstance(num_classes, int) or num_classes < 2:
         raise ValueError(f"num_classes must be an int >= 2, got {num_classes!r}")
     backend = jax.default_backend() if backend is None else backend
-    cpu_gradients = backend == "cpu" and lowering == "patches"
+    cpu_gradients = backend == "cpu" and lowering in ("patches", "onednn")
     modules = {
         "cnn": lambda: EmnistCnn(num_classes, lowering=lowering, cpu_gradients=cpu_gradients),
         "dense": lambda: DenseNet(num_classes, cpu_gradients=cpu_gradients),

@@ -150,9 +150,10 @@ class ExecutionConfig:
     """Unroll of the local-step scan."""
     sort_chunks: bool | None = None
     """Group lanes into chunks by length and skip steps that are padding for a whole chunk."""
-    conv_lowering: Literal["auto", "patches", "lax"] | None = None
+    conv_lowering: Literal["auto", "patches", "lax", "onednn"] | None = None
     """How the model's convolutions are lowered when it is built (patches: slices
-    plus one matmul)."""
+    plus one matmul; onednn: oneDNN's convolution on CPU, the default there when
+    oneDNN is installed, else the patches)."""
     num_devices: int = 1
     """Shard the cohort's lanes over this many local devices (a "clients" mesh);
     server state is replicated, and the CPU default then trains one lane per

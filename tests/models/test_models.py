@@ -190,12 +190,20 @@ def test_get_model_chooses_the_gradient_form_at_build_time():
     """No global: the backend given to get_model decides; patches on CPU take
     the CPU gradient form, every other combination the plain one."""
     features, images = jnp.zeros((2, 12)), jnp.zeros((2, 8, 8, 1))
-    assert default_lowering("cpu") == default_lowering("gpu") == "patches"
+    from fedjaxsim.models import conv_onednn
+
+    assert default_lowering("gpu") == "patches"
+    assert default_lowering("cpu") == ("onednn" if conv_onednn.available() else "patches")
     assert _uses_cpu_gradients(get_model("logreg", 5, backend="cpu"), features)
     assert not _uses_cpu_gradients(get_model("logreg", 5, backend="gpu"), features)
     assert _uses_cpu_gradients(get_model("cnn", 10, lowering="patches", backend="cpu"), images)
     assert not _uses_cpu_gradients(get_model("cnn", 10, lowering="lax", backend="cpu"), images)
     assert not _uses_cpu_gradients(get_model("cnn", 10, backend="gpu"), images)
+    # The dense layers keep their CPU gradients under every CPU default lowering.
+    for lowering in ("patches", "onednn"):
+        assert _uses_cpu_gradients(
+            get_model("dense", 5, lowering=lowering, backend="cpu"), features
+        )
 
 
 def test_unknown_model_lowering_and_bad_classes():

@@ -125,12 +125,15 @@ def test_resolution_fills_the_execution_section_from_the_backend_defaults(backen
     ) == (plan.clients_per_chunk, plan.chunk_loop, plan.scan_unroll, plan.sort_chunks)
     assert execution.conv_lowering == default_lowering(backend)
     # The documented measured defaults: one lane per device on CPU, one client
-    # per lane in chunks of 128 elsewhere; the patch lowering everywhere.
+    # per lane in chunks of 128 elsewhere; oneDNN on CPU where it loads, else patches.
     if backend == "cpu":
         assert (execution.num_lanes, execution.clients_per_chunk) == (num_devices, None)
     else:
         assert (execution.num_lanes, execution.clients_per_chunk) == ("per_client", 128)
-    assert execution.conv_lowering == "patches"
+    from fedjaxsim.models import conv_onednn
+
+    onednn = backend == "cpu" and conv_onednn.available()
+    assert execution.conv_lowering == ("onednn" if onednn else "patches")
     # What the runner hands the engine and the packer is that default.
     resolved = resolve(config, backend=backend)
     assert execution_plan(resolved) == plan
