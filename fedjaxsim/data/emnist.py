@@ -182,9 +182,18 @@ def _collect(
 
 
 def check_facts(
-    data: FederatedData, expected: SplitFacts, source: str, *, strict: bool = True
+    data: FederatedData,
+    expected: SplitFacts,
+    source: str,
+    *,
+    strict: bool = True,
+    likely: str = "mislabelled (e.g. digits-only for the full set)",
 ) -> None:
     """Compares client and example counts with the published ones.
+
+    Args:
+      likely: what a mismatching file most likely is, besides truncated or
+        another version (the message's hint).
 
     Raises:
       ValueError: a mismatch and ``strict`` (else a UserWarning), naming ``source``.
@@ -194,8 +203,8 @@ def check_facts(
     message = (
         f"{source} holds {data.num_clients:,} clients and {data.total_examples:,} examples, but "
         f"the published split has {expected.num_clients:,} clients and "
-        f"{expected.num_examples:,} examples: the file is truncated, mislabelled (e.g. "
-        "digits-only for the full set) or another version. Delete it and fetch it again"
+        f"{expected.num_examples:,} examples: the file is truncated, {likely} or another "
+        "version. Delete it and fetch it again"
     )
     if strict:
         raise ValueError(message + ", or pass strict=False to use it anyway.")

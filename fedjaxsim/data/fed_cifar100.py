@@ -22,14 +22,13 @@ FedJAX's ``preprocess_client`` (``{"x": image, "y": label}``).
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
 import numpy as np
 
 from fedjaxsim.data import download as downloads
-from fedjaxsim.data.emnist import SplitFacts
+from fedjaxsim.data.emnist import SplitFacts, check_facts
 from fedjaxsim.data.federated import FederatedData, FederatedDataset
 from fedjaxsim.data.formats import iter_fedjax_sqlite, iter_tff_hdf5
 from fedjaxsim.data.validation import ClientCollector, InvalidClient
@@ -115,27 +114,6 @@ def _converter(fields: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     }
 
 
-def check_counts(
-    data: FederatedData, expected: SplitFacts, source: str, *, strict: bool = True
-) -> None:
-    """Compares client and example counts with the published ones.
-
-    Raises:
-      ValueError: a mismatch and ``strict`` (else a UserWarning), naming ``source``.
-    """
-    if (data.num_clients, data.total_examples) == (expected.num_clients, expected.num_examples):
-        return
-    message = (
-        f"{source} holds {data.num_clients:,} clients and {data.total_examples:,} examples, but "
-        f"the published split has {expected.num_clients:,} clients and "
-        f"{expected.num_examples:,} examples: the file is truncated, of another split or another "
-        "version. Delete it and fetch it again"
-    )
-    if strict:
-        raise ValueError(message + ", or pass strict=False to use it anyway.")
-    warnings.warn(message + ".", UserWarning, stacklevel=4)
-
-
 def _collect(
     records: Callable[[], Iterable],
     *,
@@ -153,7 +131,7 @@ def _collect(
         )
     data = collector.finish(field_scales={"x": PIXEL_SCALE})
     if expected is not None:
-        check_counts(data, expected, source, strict=strict)
+        check_facts(data, expected, source, strict=strict, likely="of another split")
     return data
 
 
